@@ -1,0 +1,129 @@
+"""Shared fixtures: everything offline. A tiny Qwen2 + tokenizer built locally, real vLLM on CPU (`vllm-cpu`)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path:
+    """The project's real data (`../shared/data` next to the repository; `TRL_CREDIT_DATA_DIR` overrides)."""
+    path = Path(os.environ.get("TRL_CREDIT_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.fail(f"Real data not found at {path}; set TRL_CREDIT_DATA_DIR to the shared data folder.")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random tiny Qwen2 (hidden 128, 2 layers, 2 heads of dim 64, 1 KV head) and tokenizer, saved to disk."""
+    from trl_credit.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def vllm_cpu_colocate(monkeypatch):
+    """Patches for `use_vllm=True, vllm_mode="colocate"` on vLLM's CPU backend, undone at teardown."""
+    pytest.importorskip("vllm")
+    import torch
+    import trl.generation.vllm_generation as tvg
+    import vllm.model_executor.layers.utils as vlu
+
+    from trl_credit import vllm_cpu
+
+    # Record the originals so that monkeypatch restores them, then patch.
+    monkeypatch.setattr(vlu, "dispatch_cpu_unquantized_gemm", vlu.dispatch_cpu_unquantized_gemm)
+    monkeypatch.setattr(tvg, "LLM", tvg.LLM)
+    # vLLM's CPUWorker.init_device() replaces torch.set_num_threads by a warning no-op for the whole process.
+    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)
+    # TRL's colocate init writes RANK/WORLD_SIZE/MASTER_* into os.environ; accelerate would then treat every later
+    # trainer in this process as distributed. Restore the whole environment afterwards.
+    saved_env = dict(os.environ)
+    vllm_cpu.apply_colocate(dtype="float32", enforce_eager=True, kv_cache_mib=64)
+    yield
+    os.environ.clear()
+    os.environ.update(saved_env)
+    import gc
+
+    gc.collect()
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_server(tiny_model_dir, tmp_path_factory):
+    """A real vLLM server (CPU) on loopback serving the tiny model; yields its base URL; killed at session end."""
+    pytest.importorskip("vllm")
+    import requests
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trl_credit.vllm_cpu", "--model", tiny_model_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+         "--kv-cache-memory-bytes", str(64 * 2**20), "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"vLLM server did not come up:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)  # own session: its engine/worker children go too
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture
+def vllm_cpu_server_client(monkeypatch):
+    """Client-side patch for `vllm_mode="server"` on CPU (file-based weight sync), undone at teardown."""
+    from trl.generation.vllm_client import VLLMClient
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from trl_credit import vllm_cpu
+
+    monkeypatch.setattr(VLLMClient, "init_communicator", VLLMClient.init_communicator)
+    monkeypatch.setattr(VLLMGeneration, "sync_weights", VLLMGeneration.sync_weights)
+    vllm_cpu.apply_server_client()

@@ -1,0 +1,5 @@
+from .credit import CreditArguments
+from .grpo import GRPOConfig
+
+
+__all__ = ["CreditArguments", "GRPOConfig"]

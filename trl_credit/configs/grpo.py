@@ -1,0 +1,24 @@
+"""`trl_credit.GRPOConfig`: TRL's `GRPOConfig` plus the credit-assignment fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import GRPOConfig as _TRLGRPOConfig
+
+from .credit import CreditArguments
+
+
+@dataclass
+class GRPOConfig(CreditArguments, _TRLGRPOConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_credit()
+
+
+GRPOConfig.__doc__ = (
+    (_TRLGRPOConfig.__doc__ or "").replace("[`GRPOTrainer`]", "[`trl_credit.GRPOTrainer`]").rstrip()
+    + "\n\n"
+    + "\n".join("    " + line if line.strip() else "" for line in CreditArguments.__doc__.strip("\n").splitlines())
+    + "\n"
+)
