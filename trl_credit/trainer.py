@@ -132,18 +132,22 @@ class GRPOTrainer(_TRLGRPOTrainer):
             batch_fields.update(self._credit_requirement(requirement, out, ctx, batch_fields))
         batch = CreditBatch(**batch_fields)
 
-        # ── the estimator ──
+        # ── the estimator, on the global batch ──
         result = call_estimator(self.credit_estimator, batch, self.args)
-        advantages = self._credit_postprocess(result, batch, out, ctx)
+        advantages = torch.nan_to_num(result.advantages.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
-        # ── back to this rank's rows and columns ──
+        # ── back to this rank's rows and columns, then per-completion transforms (token weights) ──
         local = advantages[rows]
         if local.dim() == 2:
             local = local[:, :T]
+        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        local = self._credit_local_postprocess(local, out, ctx)
+        if local.dim() == 2:
+            local = torch.where(loss_mask > 0, local, torch.zeros_like(local))
         out["advantages"] = local.to(out["advantages"].dtype)
         if result.returns is not None:
             out["returns"] = result.returns[rows, :T].to(torch.float32)
-        self._log_credit(advantages, batch, result)
+        self._log_credit(local, loss_mask, result)
 
     def _credit_batch_fields(self, out: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         """The `CreditBatch` fields every estimator gets, over the global batch in TRL's row order."""
@@ -171,12 +175,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
             f"{type(self).__name__} does not provide."
         )
 
-    def _credit_postprocess(self, result: CreditOutput, batch: CreditBatch, out, ctx) -> torch.Tensor:
-        """Estimator advantages → what the loss receives. NaN/inf never reach the loss."""
-        adv = torch.nan_to_num(result.advantages.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        if adv.dim() == 2:
-            adv = torch.where(batch.mask > 0, adv, torch.zeros_like(adv))
-        return adv
+    def _credit_local_postprocess(self, advantages: torch.Tensor, out: dict[str, Any], ctx) -> torch.Tensor:
+        """This rank's advantages `(B,)` or `(B, T)` → what the loss receives (token weightings hook in here)."""
+        return advantages
 
     def _gather_rows(self, tensor: torch.Tensor, pad_value) -> torch.Tensor:
         """`(B, T_local)` on every rank → `(B·world, T_max)` in rank order (right-padded with `pad_value`)."""
@@ -186,20 +187,20 @@ class GRPOTrainer(_TRLGRPOTrainer):
         return self.accelerator.gather(tensor)
 
     # ── logging ────────────────────────────────────────────────────────────────────────────────────────────────────
-    def _log_credit(self, advantages: torch.Tensor, batch: CreditBatch, result: CreditOutput) -> None:
+    def _log_credit(self, advantages: torch.Tensor, loss_mask: torch.Tensor, result: CreditOutput) -> None:
         metrics = self._metrics["train"]
-        if advantages.dim() == 2:
-            mask = batch.mask
-            per_completion = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
-            values = advantages[mask > 0]
-        else:
-            per_completion = advantages
-            values = advantages
-        # TRL appended its own per-completion GRPO advantages; the completions table must show what was trained on.
+        if advantages.dim() == 1:
+            advantages = advantages[:, None].expand_as(loss_mask)
+        advantages = self._gather_rows(advantages.contiguous(), 0.0)
+        mask = self._gather_rows(loss_mask.contiguous(), 0).to(torch.float32)
+        # TRL appended its own per-completion GRPO advantages; the completions table must show what is trained on
+        # (one number per completion: the masked mean over tokens).
+        per_completion = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
         logged = self._logs["advantages"]
         for _ in range(min(len(per_completion), len(logged))):
             logged.pop()
         logged.extend(per_completion.tolist())
+        values = advantages[mask > 0]
         if values.numel():
             metrics["credit/advantage_mean"].append(values.mean().item())
             metrics["credit/advantage_std"].append(values.std().item() if values.numel() > 1 else 0.0)
