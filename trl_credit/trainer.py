@@ -189,13 +189,15 @@ class GRPOTrainer(_TRLGRPOTrainer):
     # ── logging ────────────────────────────────────────────────────────────────────────────────────────────────────
     def _log_credit(self, advantages: torch.Tensor, loss_mask: torch.Tensor, result: CreditOutput) -> None:
         metrics = self._metrics["train"]
-        if advantages.dim() == 1:
-            advantages = advantages[:, None].expand_as(loss_mask)
-        advantages = self._gather_rows(advantages.contiguous(), 0.0)
         mask = self._gather_rows(loss_mask.contiguous(), 0).to(torch.float32)
+        if advantages.dim() == 1:
+            per_completion = self.accelerator.gather(advantages.contiguous())
+            advantages = per_completion[:, None].expand_as(mask)
+        else:
+            advantages = self._gather_rows(advantages.contiguous(), 0.0)
+            per_completion = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
         # TRL appended its own per-completion GRPO advantages; the completions table must show what is trained on
-        # (one number per completion: the masked mean over tokens).
-        per_completion = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
+        # (one number per completion: the masked mean over its tokens).
         logged = self._logs["advantages"]
         for _ in range(min(len(per_completion), len(logged))):
             logged.pop()
