@@ -9,9 +9,10 @@ $$V(s) = \frac{1}{|D(s)|} \sum_{j \in D(s)} r_j$$
 (NaN-aware: unscorable completions are members of `D(s)` but do not enter the mean). Token `t` of completion `i` is a
 **branch token** when `D(s^i_{t+1}) ⊊ D(s^i_t)`: some sibling takes a different token at this node.
 
-Vectorized: for each group, a `(G, G, T)` "shares the first t+1 tokens" tensor from a cumulative minimum over token
-equality; groups are processed in chunks to bound memory. Only real tokens are compared (never padding), so a pad id
-that equals a real token id cannot merge two branches (unlike the official TEMPO code).
+Vectorized: for each pair of completions of a group, the depth of their shared prefix (scanning tokens in chunks
+until every pair has diverged), then per-token subtree counts and reward sums from a histogram of those depths.
+Cost O(G²·d + N·T) with d the deepest divergence. Only real tokens are compared (never padding), so a pad id that
+equals a real token id cannot merge two branches (unlike the official TEMPO code).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 
-_MAX_ELEMENTS = 1 << 25  # elements of the (groups, G, G, T) comparison tensor processed at once
+_MAX_ELEMENTS = 1 << 25  # elements of the (groups, G, G, chunk) comparison tensor processed at once
 
 
 @dataclass
@@ -57,6 +58,41 @@ def _first_true(x: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
     return torch.where(first < T, first, default)
 
 
+def _divergence_depths(ids: torch.Tensor, valid: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """
+    `(n, G, G)` number of leading positions where completions `i` and `j` both have real, equal tokens (for `i = j`
+    the length of `i`). Scans `T` in chunks and stops once every pair has diverged, so sampled groups that branch
+    early cost O(G²·depth), not O(G²·T).
+    """
+    n, G, T = ids.shape
+    eye = torch.eye(G, dtype=torch.bool, device=ids.device)
+    depth = torch.zeros(n, G, G, dtype=torch.long, device=ids.device)
+    depth[:, eye] = valid.sum(-1)  # a completion shares its whole length with itself
+    alive = ~eye.expand(n, G, G)
+    for t0 in range(0, T, chunk):
+        if not alive.any():
+            break
+        cols = slice(t0, min(T, t0 + chunk))
+        a, b, va, vb = ids[:, :, None, cols], ids[:, None, :, cols], valid[:, :, None, cols], valid[:, None, :, cols]
+        run = ((a == b) & va & vb).to(torch.uint8).cummin(dim=-1).values.sum(-1, dtype=torch.long)
+        depth += torch.where(alive, run, 0)
+        alive &= run == (cols.stop - cols.start)
+    return depth
+
+
+def _subtree_sums(depth: torch.Tensor, weights: torch.Tensor, T: int) -> torch.Tensor:
+    """
+    `S[i, t] = Σ_j weights[j] · [depth(i, j) ≥ t]` for `t = 0..T`, i.e. summed over the completions that share the
+    first `t` tokens of `i` (t = 0: the whole group). A histogram of depths, then a reverse cumulative sum: adding 0
+    for a depth no pair has leaves the running sum bit-identical, so a non-branch token's child and parent agree
+    exactly.
+    """
+    n, G, _ = depth.shape
+    hist = torch.zeros(n * G, T + 1, dtype=weights.dtype, device=depth.device)
+    hist.scatter_add_(1, depth.view(n * G, G), weights.view(n, 1, G).expand(n, G, G).reshape(n * G, G))
+    return hist.flip(1).cumsum(1).flip(1)
+
+
 @torch.no_grad()
 def prefix_tree_values(
     completion_ids: torch.Tensor, completion_mask: torch.Tensor, rewards: torch.Tensor, num_generations: int
@@ -80,49 +116,37 @@ def prefix_tree_values(
     if N % G:
         raise ValueError(f"{N} completions are not whole groups of num_generations={G}.")
     n_groups = N // G
-    device = completion_ids.device
     valid = completion_mask.bool()
     rewards = rewards.to(torch.float32)
     scorable = ~torch.isnan(rewards)
-    r0 = torch.nan_to_num(rewards, nan=0.0)
 
-    members = torch.zeros(N, T, dtype=torch.long, device=device)
-    cnt_child = torch.zeros(N, T, dtype=torch.float32, device=device)
-    sum_child = torch.zeros(N, T, dtype=torch.float32, device=device)
-    per_group = max(1, G * G * max(T, 1))
-    chunk = max(1, _MAX_ELEMENTS // per_group)
+    # Shared-prefix depth of every pair of completions in a group, in chunks of groups to bound memory.
+    depth = torch.empty(n_groups, G, G, dtype=torch.long, device=completion_ids.device)
+    chunk = max(1, _MAX_ELEMENTS // (G * G * 64))
     for g0 in range(0, n_groups, chunk):
-        rows = slice(g0 * G, min(n_groups, g0 + chunk) * G)
-        ids = completion_ids[rows].view(-1, G, T)
-        v = valid[rows].view(-1, G, T)
-        same = (ids[:, :, None, :] == ids[:, None, :, :]) & v[:, :, None, :] & v[:, None, :, :]  # (n, G_i, G_j, T)
-        shared = same.to(torch.uint8).cummin(dim=-1).values  # j shares the first t+1 tokens of i
-        sc = scorable[rows].view(-1, 1, G, 1).to(torch.uint8)
-        members[rows] = shared.sum(2, dtype=torch.long).view(-1, T)
-        cnt_child[rows] = (shared * sc).sum(2, dtype=torch.float32).view(-1, T)
-        sum_child[rows] = torch.einsum("nijt,nj->nit", shared.to(torch.float32), r0[rows].view(-1, G)).view(-1, T)
+        g1 = min(n_groups, g0 + chunk)
+        rows = slice(g0 * G, g1 * G)
+        depth[g0:g1] = _divergence_depths(completion_ids[rows].view(-1, G, T), valid[rows].view(-1, G, T))
 
-    # Root (the prompt): every member of the group.
-    root_cnt = scorable.view(-1, G).sum(1, dtype=torch.float32).repeat_interleave(G)
-    root_sum = r0.view(-1, G).sum(1).repeat_interleave(G)
-    root_members = torch.full((N, 1), G, dtype=torch.long, device=device)
-    cnt_parent = torch.cat([root_cnt[:, None], cnt_child[:, :-1]], dim=1)
-    sum_parent = torch.cat([root_sum[:, None], sum_child[:, :-1]], dim=1)
-    members_parent = torch.cat([root_members, members[:, :-1]], dim=1)
+    # Column t of these (N, T + 1) sums is the set D(s_t) of completions sharing the first t tokens (t = 0: root).
+    members = _subtree_sums(depth, torch.ones(N, dtype=torch.long, device=depth.device), T)
+    count = _subtree_sums(depth, scorable.to(torch.float32), T)
+    total = _subtree_sums(depth, torch.nan_to_num(rewards, nan=0.0), T)
 
-    nan = torch.tensor(float("nan"), device=device)
-    v_child = torch.where(valid & (cnt_child > 0), sum_child / cnt_child.clamp(min=1), nan)
-    v_parent = torch.where(valid & (cnt_parent > 0), sum_parent / cnt_parent.clamp(min=1), nan)
-    is_branch = valid & (members < members_parent)
+    nan = torch.tensor(float("nan"), device=depth.device)
+    v = torch.where(count > 0, total / count.clamp(min=1), nan)
+    v_parent = torch.where(valid, v[:, :-1], nan)
+    v_child = torch.where(valid, v[:, 1:], nan)
+    is_branch = valid & (members[:, 1:] < members[:, :-1])
 
     lengths = valid.sum(1)
     first_branch = _first_true(is_branch, torch.full_like(lengths, -1))
-    unique_depth = _first_true(valid & (members == 1), lengths)
+    unique_depth = _first_true(valid & (members[:, 1:] == 1), lengths)
     return PrefixTreeValues(
         v_parent=v_parent,
         v_child=v_child,
         is_branch=is_branch,
-        members=members,
+        members=members[:, 1:],
         valid=valid,
         first_branch=first_branch,
         unique_depth=unique_depth,
