@@ -23,12 +23,13 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 from ._compat import check_trl_compatibility
 from .configs import GRPOConfig
 from .credit import CreditBatch, CreditOutput, call_estimator, get_advantage_estimator
+from .weighting import TokenWeightingMixin
 
 
 check_trl_compatibility()
 
 
-class GRPOTrainer(_TRLGRPOTrainer):
+class GRPOTrainer(TokenWeightingMixin, _TRLGRPOTrainer):
     """
     Drop-in replacement for [`trl.GRPOTrainer`] with token-level credit assignment. Same constructor; `args` is a
     [`trl_credit.GRPOConfig`], whose `advantage_estimator` selects the estimator (`"grpo"`, `"tempo"`, `"gigpo"`, …).
@@ -177,7 +178,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
 
     def _credit_local_postprocess(self, advantages: torch.Tensor, out: dict[str, Any], ctx) -> torch.Tensor:
         """This rank's advantages `(B,)` or `(B, T)` → what the loss receives (token weightings hook in here)."""
-        return advantages
+        # Defer to the bases: `TokenWeightingMixin` (after this class in the MRO) applies the token weights.
+        return super()._credit_local_postprocess(advantages, out, ctx)
 
     def _gather_rows(self, tensor: torch.Tensor, pad_value) -> torch.Tensor:
         """`(B, T_local)` on every rank → `(B·world, T_max)` in rank order (right-padded with `pad_value`)."""

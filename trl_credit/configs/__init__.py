@@ -1,5 +1,6 @@
 from .credit import CreditArguments
 from .grpo import GRPOConfig
+from .weighting import TokenWeightingArguments
 
 
-__all__ = ["CreditArguments", "GRPOConfig"]
+__all__ = ["CreditArguments", "GRPOConfig", "TokenWeightingArguments"]

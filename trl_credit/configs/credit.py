@@ -96,4 +96,5 @@ class CreditArguments:
         """Whether the advantages differ across the tokens of a completion."""
         from ..credit import get_advantage_estimator
 
-        return not get_advantage_estimator(self.advantage_estimator).credit_sequence_level
+        estimator = get_advantage_estimator(self.advantage_estimator)
+        return self.token_weighting != "none" or not estimator.credit_sequence_level

@@ -5,6 +5,22 @@ Every estimator is registered in `ADVANTAGE_ESTIMATORS` with the signature
 fields of the same name.
 """
 
+from .attention import (
+    RHYTHM_STRATEGIES,
+    aggregate_heads,
+    attention_band,
+    compute_fai,
+    compute_fai_band,
+    compute_row_distance,
+    compute_waad,
+    compute_waad_band,
+    dominated_anchors,
+    group_heads,
+    rhythm_gammas,
+    rhythm_layer_indices,
+    top_q_mask,
+    waad_delta,
+)
 from .batch import CreditBatch, CreditOutput
 from .grpo import advantage_denominator, compute_grpo_advantages, nanstd, reward_std
 from .prefix_tree import PrefixTreeValues, prefix_tree_values
@@ -17,10 +33,28 @@ from .registry import (
 )
 from .segment_gae import compute_segment_gae
 from .tempo import compute_gigpo_advantages, compute_tempo_advantages
+from .weights import apply_token_weights, entropy_threshold, entropy_token_weights
 
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "RHYTHM_STRATEGIES",
+    "aggregate_heads",
+    "apply_token_weights",
+    "attention_band",
+    "compute_fai",
+    "compute_fai_band",
+    "compute_row_distance",
+    "compute_waad",
+    "compute_waad_band",
+    "dominated_anchors",
+    "entropy_threshold",
+    "entropy_token_weights",
+    "group_heads",
+    "rhythm_gammas",
+    "rhythm_layer_indices",
+    "top_q_mask",
+    "waad_delta",
     "CreditBatch",
     "CreditOutput",
     "PrefixTreeValues",
