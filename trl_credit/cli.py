@@ -7,7 +7,10 @@ import sys
 
 
 # command -> (module, one-line description). A module parses its own arguments.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("trl_credit.evaluation", "sample a model on GSM8K/MATH/MATH-500 and report pass@1, maj@k, pass@k"),
+    "train": ("trl_credit.train", "train on GSM8K/MATH from a YAML recipe (TRL-style, with CLI overrides)"),
+}
 
 
 def _usage() -> str:
