@@ -22,11 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def shared_data_dir() -> Path:
-    """The project's real data (`../shared/data` next to the repository; `TRL_CREDIT_DATA_DIR` overrides)."""
-    path = Path(os.environ.get("TRL_CREDIT_DATA_DIR", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        pytest.fail(f"Real data not found at {path}; set TRL_CREDIT_DATA_DIR to the shared data folder.")
-    return path
+    """The project's real data: `TRL_CREDIT_DATA_DIR`, else `../shared/data` next to the clone, else the workplace's
+    `/work/shared/data`. Missing data fails the tests that need it (never a silent skip)."""
+    candidates = [os.environ.get("TRL_CREDIT_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for path in filter(None, candidates):
+        if Path(path, "gsm8k").is_dir():
+            return Path(path)
+    pytest.fail(f"Real data not found in {[str(c) for c in candidates if c]}; set TRL_CREDIT_DATA_DIR.")
 
 
 @pytest.fixture(scope="session")
