@@ -50,6 +50,11 @@ def test_ungated_gigpo_is_rejected_with_per_sequence_loss_normalization():
     cfg(advantage_estimator="gigpo", loss_type="grpo")  # the gated default is safe with every loss
 
 
+def test_critic_estimators_need_the_ppo_config():
+    with pytest.raises(ValueError, match="use trl_credit.PPOConfig with trl_credit.PPOTrainer"):
+        cfg(advantage_estimator="gae")
+
+
 def test_non_finite_coefficients_are_rejected():
     with pytest.raises(ValueError, match="branch_td_coef must be a finite number"):
         cfg(advantage_estimator="tempo", branch_td_coef=float("nan"))

@@ -17,6 +17,8 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "GRPOConfig": "trl_credit.configs",
     "GRPOTrainer": "trl_credit.trainer",
+    "PPOConfig": "trl_credit.configs",
+    "PPOTrainer": "trl_credit.ppo_trainer",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -29,5 +31,6 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .configs import GRPOConfig
+    from .configs import GRPOConfig, PPOConfig
+    from .ppo_trainer import PPOTrainer
     from .trainer import GRPOTrainer

@@ -23,13 +23,15 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 from ._compat import check_trl_compatibility
 from .configs import GRPOConfig
 from .credit import CreditBatch, CreditOutput, call_estimator, get_advantage_estimator
+from .macro_trainer import MacroActionMixin
+from .vineppo import VinePPOMixin
 from .weighting import TokenWeightingMixin
 
 
 check_trl_compatibility()
 
 
-class GRPOTrainer(TokenWeightingMixin, _TRLGRPOTrainer):
+class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOTrainer):
     """
     Drop-in replacement for [`trl.GRPOTrainer`] with token-level credit assignment. Same constructor; `args` is a
     [`trl_credit.GRPOConfig`], whose `advantage_estimator` selects the estimator (`"grpo"`, `"tempo"`, `"gigpo"`, …).
@@ -129,7 +131,8 @@ class GRPOTrainer(TokenWeightingMixin, _TRLGRPOTrainer):
 
         # ── the global generation batch (groups may straddle ranks) ──
         batch_fields = self._credit_batch_fields(out, ctx)
-        for requirement in sorted(self.credit_estimator.credit_requires):
+        # Segments first: other requirements (Monte-Carlo states) are placed at their boundaries.
+        for requirement in sorted(self.credit_estimator.credit_requires, key=lambda r: (r != "segments", r)):
             batch_fields.update(self._credit_requirement(requirement, out, ctx, batch_fields))
         batch = CreditBatch(**batch_fields)
 
@@ -168,18 +171,6 @@ class GRPOTrainer(TokenWeightingMixin, _TRLGRPOTrainer):
             "rewards_per_func": rewards_per_func,
             "reward_weights": weights,
         }
-
-    def _credit_requirement(self, requirement: str, out, ctx, batch_fields) -> dict[str, Any]:
-        """Prepare what an estimator declared it needs (`requires=` at registration)."""
-        raise ValueError(
-            f"advantage_estimator={self.args.advantage_estimator!r} requires {requirement!r}, which "
-            f"{type(self).__name__} does not provide."
-        )
-
-    def _credit_local_postprocess(self, advantages: torch.Tensor, out: dict[str, Any], ctx) -> torch.Tensor:
-        """This rank's advantages `(B,)` or `(B, T)` → what the loss receives (token weightings hook in here)."""
-        # Defer to the bases: `TokenWeightingMixin` (after this class in the MRO) applies the token weights.
-        return super()._credit_local_postprocess(advantages, out, ctx)
 
     def _gather_rows(self, tensor: torch.Tensor, pad_value) -> torch.Tensor:
         """`(B, T_local)` on every rank → `(B·world, T_max)` in rank order (right-padded with `pad_value`)."""

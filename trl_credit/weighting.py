@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ._hooks import CreditHooks
 from .attention_capture import (
     AttentionStats,
     attention_capture,
@@ -52,7 +53,7 @@ _FORWARD_KEYS = (
 )
 
 
-class TokenWeightingMixin:
+class TokenWeightingMixin(CreditHooks):
     """
     Token weighting for `trl_credit.GRPOTrainer` (`args.token_weighting`): place it before TRL's `GRPOTrainer` in
     the bases. Attention weightings check at construction that the model's attention can be captured.
@@ -142,9 +143,7 @@ class TokenWeightingMixin:
 
     # ── the weights, after the estimator ───────────────────────────────────────────────────────────────────────────
     def _credit_local_postprocess(self, advantages: torch.Tensor, out: dict[str, Any], ctx) -> torch.Tensor:
-        parent = getattr(super(), "_credit_local_postprocess", None)
-        if parent is not None:
-            advantages = parent(advantages, out, ctx)
+        advantages = super()._credit_local_postprocess(advantages, out, ctx)
         if self.args.token_weighting == "none":
             return advantages
         start = time.perf_counter()

@@ -1,6 +1,16 @@
 from .credit import CreditArguments
 from .grpo import GRPOConfig
+from .macro import MacroActionArguments
+from .ppo import PPOConfig
+from .vineppo import VinePPOArguments
 from .weighting import TokenWeightingArguments
 
 
-__all__ = ["CreditArguments", "GRPOConfig", "TokenWeightingArguments"]
+__all__ = [
+    "CreditArguments",
+    "GRPOConfig",
+    "MacroActionArguments",
+    "PPOConfig",
+    "TokenWeightingArguments",
+    "VinePPOArguments",
+]

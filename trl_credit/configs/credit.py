@@ -53,10 +53,17 @@ class CreditArguments:
         },
     )
 
+    _provides_critic = False  # PPOConfig: the trainer builds a critic for "critic_values" estimators
+
     def _validate_credit(self) -> None:
         from ..credit import get_advantage_estimator
 
-        get_advantage_estimator(self.advantage_estimator)  # ValueError naming the registered ones
+        estimator = get_advantage_estimator(self.advantage_estimator)  # ValueError naming the registered ones
+        if "critic_values" in estimator.credit_requires and not self._provides_critic:
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator!r} needs a learned critic, which "
+                f"{type(self).__name__} has no fields for: use trl_credit.PPOConfig with trl_credit.PPOTrainer."
+            )
         for name in ("branch_td_coef", "gigpo_step_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")

@@ -23,6 +23,20 @@ from .attention import (
 )
 from .batch import CreditBatch, CreditOutput
 from .grpo import advantage_denominator, compute_grpo_advantages, nanstd, reward_std
+from .macro import (
+    boundary_segments,
+    compute_macro_tempo_advantages,
+    macro_aggregate,
+    macro_log_ratio,
+    ngram_segments,
+    perplexity_segments,
+    punctuation_segments,
+    punctuation_token_flags,
+    random_ngram_segments,
+    segments_from_starts,
+    token_segments,
+)
+from .ppo import compute_gae_advantages, explained_variance, kl_penalty
 from .prefix_tree import PrefixTreeValues, prefix_tree_values
 from .registry import (
     ADVANTAGE_ESTIMATORS,
@@ -32,13 +46,36 @@ from .registry import (
     register_advantage_estimator,
 )
 from .segment_gae import compute_segment_gae
+from .steps import STEP_SPLITS, estimated_state_mask, segment_completions, split_math, split_newline
 from .tempo import compute_gigpo_advantages, compute_tempo_advantages
+from .vineppo import compute_vineppo_advantages, interpolate_state_values
 from .weights import apply_token_weights, entropy_threshold, entropy_token_weights
 
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "RHYTHM_STRATEGIES",
+    "STEP_SPLITS",
+    "boundary_segments",
+    "compute_gae_advantages",
+    "compute_macro_tempo_advantages",
+    "compute_vineppo_advantages",
+    "estimated_state_mask",
+    "explained_variance",
+    "interpolate_state_values",
+    "kl_penalty",
+    "macro_aggregate",
+    "macro_log_ratio",
+    "ngram_segments",
+    "perplexity_segments",
+    "punctuation_segments",
+    "punctuation_token_flags",
+    "random_ngram_segments",
+    "segment_completions",
+    "segments_from_starts",
+    "split_math",
+    "split_newline",
+    "token_segments",
     "aggregate_heads",
     "apply_token_weights",
     "attention_band",

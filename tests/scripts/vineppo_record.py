@@ -1,0 +1,88 @@
+"""Train VinePPO a few steps under `accelerate launch` and save, per rank, what the MC values and the loss saw (for
+tests/test_rollouts.py).
+
+usage: vineppo_record.py MODEL_DIR OUT_DIR [key=value ...]   (values parsed as Python literals)
+Each rank writes OUT_DIR/rank{r}.pt: a list (one per generation batch) of dicts with the global `segment_ids`,
+`segment_values`, `rewards` and `completion_mask` it computed, its local `advantages`, and the sizes of the prompt lists
+it passed to the rollout backend, call by call.
+"""
+
+import ast
+import sys
+
+import torch
+
+from trl_credit import GRPOConfig, GRPOTrainer
+from trl_credit.testing import shaped_math_reward, tiny_math_dataset
+
+
+class RecordingTrainer(GRPOTrainer):
+    records = []
+    call_sizes = []
+
+    def _vine_mc_values(self, out, ctx, batch_fields):
+        if self._vine_backend is None:
+            from trl_credit.rollouts import make_rollout_backend
+
+            self._vine_backend = make_rollout_backend(self, self.args.vine_rollout_batch_size)
+            generate = self._vine_backend.generate
+
+            def counting_generate(prefixes, budgets, call_budget):
+                self.call_sizes.append(len(prefixes))
+                return generate(prefixes, budgets, call_budget)
+
+            self._vine_backend.generate = counting_generate
+        result = super()._vine_mc_values(out, ctx, batch_fields)
+        self.records.append(
+            {
+                "segment_ids": result["segment_ids"].clone(),
+                "segment_values": result["segment_values"].clone(),
+                "rewards": batch_fields["rewards"].cpu().clone(),
+                "loss_mask": batch_fields["loss_mask"].cpu().clone(),
+                "call_sizes": list(self.call_sizes),
+            }
+        )
+        self.call_sizes.clear()
+        return result
+
+    def _assign_credit(self, out, ctx):
+        super()._assign_credit(out, ctx)
+        self.records[-1]["advantages"] = out["advantages"].detach().cpu().clone()
+
+
+def main():
+    model_dir, out_dir, *extra = sys.argv[1:]
+    overrides = {k: ast.literal_eval(v) for k, v in (e.split("=", 1) for e in extra)}
+    kw = dict(
+        output_dir=out_dir,
+        advantage_estimator="vineppo",
+        max_steps=2,
+        per_device_train_batch_size=3,  # with num_generations=2 and 2 ranks, the middle group straddles the ranks
+        num_generations=2,
+        max_completion_length=10,
+        learning_rate=1e-2,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=11,
+        vine_num_rollouts=3,
+        step_split="token_chunks",
+        vine_chunk_tokens=3,
+        vine_rollout_batch_size=4,  # several generate calls per step, so that call counts can differ if wrong
+    )
+    kw.update(overrides)
+    trainer = RecordingTrainer(
+        model=model_dir, reward_funcs=shaped_math_reward, args=GRPOConfig(**kw), train_dataset=tiny_math_dataset(24)
+    )
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save(trainer.records, f"{out_dir}/rank{rank}.pt")
+    if trainer.accelerator.is_main_process:
+        print("world_size", trainer.accelerator.num_processes, "steps", trainer.state.global_step, flush=True)
+
+
+if __name__ == "__main__":
+    main()
