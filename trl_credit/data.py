@@ -210,18 +210,22 @@ def _require(row: dict, columns: tuple[str, ...], index: int, where: str, what: 
         )
 
 
-def last_boxed_answer(solution: str) -> str | None:
-    r"""The content of the last `\boxed{...}` or `\fbox{...}` of a solution (braces balanced; `\boxed 5` gives `5`),
-    or `None`."""
-    command = max(("\\boxed", "\\fbox"), key=solution.rfind)
+def last_boxed_answer(
+    solution: str, *, commands: tuple[str, ...] = ("\\boxed", "\\fbox"), allow_unbraced: bool = True
+) -> str | None:
+    r"""The content of the last `\boxed{...}` or `\fbox{...}` of a solution (braces balanced; `\boxed 5` gives `5`
+    unless `allow_unbraced=False`), or `None`. Linear time."""
+    command = max(commands, key=solution.rfind)
     start = solution.rfind(command)
     if start == -1:
         return None
     rest = solution[start + len(command) :]
-    if not rest.lstrip(" ").startswith("{"):
+    if not rest.lstrip(" \t").startswith("{"):
+        if not allow_unbraced:
+            return None
         token = rest.split(None, 1)[0] if rest.startswith(" ") and rest.strip() else ""
         return token.rstrip(".$") or None
-    i = len(rest) - len(rest.lstrip(" "))
+    i = len(rest) - len(rest.lstrip(" \t"))
     depth = 0
     for j in range(i, len(rest)):
         if rest[j] == "{":

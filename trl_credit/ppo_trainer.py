@@ -172,9 +172,9 @@ class PPOTrainer(GRPOTrainer):
 
         if uses_critic:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise NotImplementedError(
-                    "PPOTrainer's critic supports single-process and DDP training; DeepSpeed and FSDP are not "
-                    "supported yet. Launch with plain DDP (accelerate launch --multi_gpu)."
+                raise ValueError(
+                    "PPOTrainer's critic supports single-process and DDP training, not DeepSpeed or FSDP. Launch "
+                    "with plain DDP (accelerate launch --multi_gpu, recipes/accelerate/multi_gpu.yaml)."
                 )
             if value_peft_config is None and args.value_peft_config is not None:
                 from peft import LoraConfig

@@ -36,6 +36,7 @@ Notation: `N` completions, `G` group size, `K` rollouts per state, `M` unique st
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Callable, Sequence
@@ -267,7 +268,7 @@ class RolloutStats:
         return torch.where(self.count > 0, mean, torch.full_like(self.count, math.nan))
 
 
-class RolloutBackend:
+class RolloutBackend(abc.ABC):
     """
     Generates continuations of token-id prefixes with the training policy.
 
@@ -284,8 +285,9 @@ class RolloutBackend:
     max_rows_per_call: int | None = None
     bucket_ratio: float = 0.0
 
+    @abc.abstractmethod
     def generate(self, prefixes: list[list[int]], budgets: list[int], call_budget: int) -> list[list[int]]:
-        raise NotImplementedError
+        """Continuations (token ids, EOS included) of each prefix, sampled with the training parameters."""
 
 
 def _plan_calls(budgets: list[int], backend: RolloutBackend, world: int) -> list[list[int]]:

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from ..data import last_boxed_answer
 from ._pool import get_pool
 
 
@@ -515,27 +516,6 @@ def gsm8k_reward(
     return _GSM8K(completions, solution, answer, log_metric=log_metric, log_extra=log_extra, **kwargs)
 
 
-def _last_boxed_content(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` if its braces balance, else `None`; linear time."""
-    start = text.rfind("\\boxed")
-    if start == -1:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    if i == len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
-
-
 def format_reward(completions: Sequence[Any], **kwargs) -> list[float]:
     r"""
     1.0 if the completion gives a final answer in a `\boxed{...}` with balanced braces and non-empty content (what the
@@ -561,6 +541,6 @@ def format_reward(completions: Sequence[Any], **kwargs) -> list[float]:
     """
     out = []
     for completion in completions:
-        content = _last_boxed_content(completion_text(completion))
+        content = last_boxed_answer(completion_text(completion), commands=("\\boxed",), allow_unbraced=False)
         out.append(1.0 if content is not None and content.strip() else 0.0)
     return out
