@@ -144,10 +144,11 @@ def test_interpolation_stops_at_the_cap_anchor():
     assert segment_starts(seg, 4)[0].tolist() == [0, 2, 4, 6]
 
 
-def test_vineppo_is_registered_and_needs_mc_values():
+def test_vineppo_is_registered_and_needs_mc_values_at_segment_boundaries():
     fn = get_advantage_estimator("vineppo")
     assert fn is compute_vineppo_advantages
-    assert fn.credit_requires == {"mc_values"} and not fn.credit_sequence_level
+    # "segments": macro_action, when set, chooses the states (prepared before the Monte-Carlo values)
+    assert fn.credit_requires == {"segments", "mc_values"} and not fn.credit_sequence_level
     batch = make_batch([1.0], [[0, 2]], [[0.5]])
     with pytest.raises(ValueError, match="mc_values"):
         fn(CreditBatch(batch.completion_ids, batch.completion_mask, batch.rewards, 1))
