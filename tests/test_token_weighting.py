@@ -206,6 +206,22 @@ def test_tempo_with_rhythm_trains_and_multiplies_per_token_advantages_by_gamma(t
 
 
 @pytest.mark.slow
+def test_vineppo_with_entropy_boost_weights_the_monte_carlo_step_advantages(tiny_model_dir):
+    cls = recording_trainer()
+    trainer = train(tiny_model_dir, trainer_cls=cls, advantage_estimator="vineppo", token_weighting="entropy",
+                    vine_num_rollouts=2, step_split="token_chunks", vine_chunk_tokens=4,
+                    vine_advantage_norm="none")  # fmt: skip
+    assert len(cls.records) == 2 and all(adv.dim() == 2 for adv, _, _ in cls.records)
+    # VinePPO's per-token advantages vary along a completion, and the weights act on them token by token
+    assert any((adv[mask].unique().numel() > 2) for adv, _, mask in cls.records)
+    ratios = weight_ratios(cls.records)
+    assert ratios and {round(r, 5) for r in ratios} == {1.0, 1.5}
+    logs = trainer.state.log_history[0]
+    assert logs["credit/mc_rollouts"] > 0 and 0 < logs["credit/frac_high_entropy"] < 1
+    assert math.isfinite(logs["loss"])
+
+
+@pytest.mark.slow
 def test_grpo_with_entropy_boost_rides_along_the_old_logp_pass(tiny_model_dir):
     cls = recording_trainer()
     # num_iterations=2 makes TRL compute old_per_token_logps, whose pass also yields the entropies.
