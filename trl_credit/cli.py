@@ -8,6 +8,7 @@ import sys
 
 # command -> (module, one-line description). A module parses its own arguments.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("trl_credit.demo", "every estimator on an embedded task, on CPU: learning curves, credit maps, report"),
     "eval": ("trl_credit.evaluation", "sample a model on GSM8K/MATH/MATH-500 and report pass@1, maj@k, pass@k"),
     "train": ("trl_credit.train", "train on GSM8K/MATH from a YAML recipe (TRL-style, with CLI overrides)"),
 }

@@ -1,0 +1,266 @@
+"""`trl-credit demo`: the embedded task and its reward, error injection, credit diagnostics, and the CLI end to end."""
+
+import json
+import random
+import struct
+
+import pytest
+import torch
+
+from trl_credit.credit import compute_grpo_advantages
+from trl_credit.demo.rl import CreditStats, accumulate, batch_credit
+from trl_credit.demo.sft import SFTSettings, load_or_train, policy_stats
+from trl_credit.demo.task import (
+    ChainSpec,
+    analyze,
+    build_tokenizer,
+    chain_lines,
+    chain_reward,
+    demonstration,
+    gold_completion,
+    make_splits,
+    parse_prompt,
+    prompt_text,
+    sample_terms,
+)
+
+
+# ── the task and its reward ────────────────────────────────────────────────────────────────────────────────────────
+def test_gold_completion_is_the_running_sum_chain_of_the_issue():
+    assert prompt_text([3, 5, 9, 2]) == "3+5+9+2\n"
+    assert gold_completion([3, 5, 9, 2]) == "3+5=8\n8+9=17\n17+2=19\n#19"
+    assert parse_prompt("3+5+9+2\n") == [3, 5, 9, 2]
+    assert chain_lines([3, 5, 9, 2], results=[8, 16, 18]) == ["3+5=8", "8+9=16", "16+2=18", "#18"]
+
+
+@pytest.mark.parametrize(
+    "completion, reward",
+    [
+        ("3+5=8\n8+9=17\n17+2=19\n#19", 1.0),
+        ("#19", 1.0),  # the reward checks the outcome only
+        ("3+5=8\n8+9=16\n16+2=18\n#18", 0.0),  # slip carried forward: every later line consistent, answer wrong
+        ("3+5=8\n8+9=16\n16+2=19\n#19", 1.0),  # two slips that cancel still give the right final number
+        ("3+5=8\n8+9=17\n17+2=19\n#190", 0.0),
+        ("3+5=8\n8+9=17\n17+2=19\n# 19", 0.0),
+        ("3+5=8\n8+9=17\n17+2=19", 0.0),  # no answer line
+        ("3+5=8\n8+9=17\n17+2=19\n#19\n", 1.0),  # a trailing newline is not a line
+        ("#19\n17+2=19", 0.0),  # the answer must be the last line
+        ("", 0.0),
+    ],
+)
+def test_reward_is_one_iff_the_last_line_is_the_true_sum(completion, reward):
+    assert chain_reward([completion], answer=[19]) == [reward]
+    # TRL hands conversational completions as message lists
+    assert chain_reward([[{"role": "assistant", "content": completion}]], answer=[19]) == [reward]
+
+
+def test_reward_of_gold_is_one_and_of_any_other_final_number_zero_on_random_problems():
+    rng = random.Random(0)
+    spec = ChainSpec(2, 8)
+    for _ in range(300):
+        terms = sample_terms(rng, spec)
+        gold = gold_completion(terms)
+        wrong = gold.rsplit("#", 1)[0] + f"#{sum(terms) + rng.choice([-11, -1, 1, 2, 10])}"
+        assert chain_reward([gold, wrong], answer=[sum(terms)] * 2) == [1.0, 0.0]
+
+
+def test_analysis_points_at_the_first_wrong_token_and_line():
+    terms = [3, 5, 9, 2]
+    right = analyze(terms, "3+5=8\n8+9=17\n17+2=19\n#19")
+    assert right.correct and right.first_error_char is None and right.step_errors == 0 and right.steps_judged == 3
+    slip = analyze(terms, "3+5=8\n8+9=16\n16+2=18\n#18")
+    assert "3+5=8\n8+9=16"[slip.first_error_char] == "6" and slip.first_error_char == 11
+    assert slip.first_error_step == 1 and slip.step_errors == 1  # carried forward consistently: one error
+    copy = analyze(terms, "3+5=8\n8+7=15\n15+2=17\n#17")  # wrong operand: a step error too
+    assert copy.first_error_char == 8 and copy.step_errors == 1
+    cut = analyze(terms, "3+5=8\n8+9=")
+    assert cut.first_error_char == 10 and cut.step_errors == 1 and cut.steps_judged == 2
+
+
+def test_tokenizer_is_one_token_per_character_and_round_trips():
+    tok = build_tokenizer()
+    text = "3+5+9+2\n3+5=8\n8+9=17\n17+2=19\n#19"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    assert tok.convert_ids_to_tokens(ids)[7] == "\n"
+
+
+def test_splits_are_disjoint_reproducible_and_evaluation_comes_first():
+    spec = ChainSpec()
+    a = make_splits(spec, 300, 50, 60, seed=0)
+    b = make_splits(spec, 300, 50, 60, seed=0)
+    assert a.evaluation == b.evaluation and a.train == b.train
+    keys = [{tuple(t) for t in s} for s in (a.train, a.validation, a.evaluation)]
+    assert len(keys[0]) == 300 and not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    # a larger evaluation set extends the smaller one (quick and default modes share their first problems)
+    assert make_splits(spec, 10, 10, 120, seed=0).evaluation[:60] == a.evaluation
+
+
+# ── the starting policy's demonstrations ───────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
+def test_injected_step_error_rate_matches_the_setting(rate):
+    rng = random.Random(1)
+    spec = ChainSpec()
+    slips = additions = 0
+    for _ in range(3000):
+        terms = sample_terms(rng, spec)
+        _, errors = demonstration(terms, rate, rng)
+        slips += len(errors)
+        additions += len(terms) - 1
+    # ~15 000 additions: the binomial std of the rate is ≤ 0.004; allow 4 std.
+    assert abs(slips / additions - rate) < 0.016
+
+
+def test_injected_errors_are_carried_forward_and_always_doom_the_answer():
+    rng = random.Random(2)
+    spec = ChainSpec(2, 8)
+    seen_wrong = 0
+    for _ in range(2000):
+        terms = sample_terms(rng, spec)
+        text, errors = demonstration(terms, 0.4, rng)
+        a = analyze(terms, text)
+        assert a.step_errors == len(errors)  # every later line adds to the written value: no extra error
+        assert a.correct == (not errors)  # a later slip never cancels an earlier one
+        if errors:
+            seen_wrong += 1
+            assert a.first_error_step == errors[0]
+            lines = text.split("\n")
+            for prev, line in zip(lines, lines[1:-1]):
+                assert line.split("+")[0] == prev.split("=")[1]  # the next step starts from the written result
+    assert seen_wrong > 500
+
+
+def test_policy_stats_count_accuracy_and_step_errors():
+    problems = [[3, 5, 9, 2], [1, 1]]
+    completions = [["3+5=8\n8+9=17\n17+2=19\n#19", "3+5=8\n8+9=16\n16+2=18\n#18"], ["1+1=2\n#2", "1+1=3\n#3"]]
+    stats = policy_stats(problems, completions)
+    assert stats["accuracy"] == 0.5
+    assert stats["step_error_rate"] == pytest.approx(2 / 8)
+    assert stats["off_gold_rate"] == 0.5
+
+
+def test_starting_policy_is_cached_under_a_key_of_its_settings(tmp_path):
+    settings = SFTSettings(spec=ChainSpec(2, 3), steps=2, batch_size=4)
+    assert settings.key() != SFTSettings(spec=ChainSpec(2, 3), steps=2, batch_size=4, error_rate=0.2).key()
+    assert settings.key() != SFTSettings(spec=ChainSpec(2, 4), steps=2, batch_size=4).key()
+    path, info = load_or_train(settings, tmp_path, progress=False)
+    assert not info["cached"]
+    again, info2 = load_or_train(settings, tmp_path, progress=False)
+    assert again == path and info2["cached"]
+
+
+# ── credit diagnostics ─────────────────────────────────────────────────────────────────────────────────────────────
+def _batch(tok, texts):
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    T = max(map(len, ids))
+    completion_ids = torch.full((len(ids), T), tok.pad_token_id)
+    mask = torch.zeros(len(ids), T, dtype=torch.long)
+    for i, row in enumerate(ids):
+        completion_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return completion_ids, mask
+
+
+def test_negative_credit_is_split_at_the_first_wrong_token_and_line():
+    tok = build_tokenizer()
+    prompts = [prompt_text([3, 5, 9, 2])] * 2
+    right, slip = "3+5=8\n8+9=17\n17+2=19\n#19", "3+5=8\n8+9=16\n16+2=18\n#18"
+    ids, mask = _batch(tok, [right, slip])
+    # GRPO: one advantage per completion (TRL's formula on rewards 1, 0), broadcast over its tokens
+    grpo = compute_grpo_advantages(torch.tensor([1.0, 0.0]), 2)
+    rows = batch_credit(tok, prompts, ids, mask, grpo, num_generations=2)
+    assert rows[1]["first_error_token"] == 11 and rows[1]["first_error_step_token"] == 6
+    assert rows[0]["grpo_advantage"] > 0 > rows[1]["grpo_advantage"]
+    stats = CreditStats()
+    accumulate(stats, rows)
+    n = len(slip) + 1  # + EOS
+    d = stats.as_dict()
+    assert d["neg_share_after_first_error_token"] == pytest.approx((n - 11) / n)
+    assert d["neg_share_after_first_error_step"] == pytest.approx((n - 6) / n)
+    assert d["extra_credit_token_frac"] == 0.0  # the GRPO advantage itself
+    # all the negative credit on the slip token: share 1, and only one token differs from GRPO's advantage
+    token_level = torch.zeros(2, ids.shape[1])
+    token_level[1, 11] = -1.0
+    token_level[0, : len(right) + 1] = rows[0]["grpo_advantage"]
+    stats = CreditStats()
+    accumulate(stats, batch_credit(tok, prompts, ids, mask, token_level, num_generations=2))
+    d = stats.as_dict()
+    assert d["neg_share_after_first_error_token"] == 1.0 and d["neg_share_after_first_error_step"] == 1.0
+    # the slip row differs from its GRPO advantage on every token, the right row on none
+    assert len(right) == len(slip) and d["extra_credit_token_frac"] == 0.5
+
+
+@pytest.mark.slow
+def test_replayed_completions_get_exactly_the_trainers_tempo_credit(tmp_path):
+    """The credit map replays fixed completions through the trainer: the result is TEMPO on that very batch."""
+    from trl_credit.credit import compute_tempo_advantages
+    from trl_credit.demo.rl import PRESETS, RLSettings, build_config, demo_trainer_class, trainer_classes
+    from trl_credit.demo.sft import build_model
+    from trl_credit.demo.task import chain_reward, load_tokenizer, rl_dataset
+
+    tok = build_tokenizer()
+    model_dir = tmp_path / "policy"
+    build_model(SFTSettings(), tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    tok = load_tokenizer(str(model_dir))
+    settings = RLSettings(steps=1, num_generations=4, prompts_per_step=1)
+    args = build_config(PRESETS["tempo"], settings, output_dir=str(tmp_path / "out"), seed=0,
+                        max_completion_length=40)  # fmt: skip
+    trainer = demo_trainer_class(trainer_classes(PRESETS["tempo"])[1])(
+        model=str(model_dir), reward_funcs=chain_reward, args=args, train_dataset=rl_dataset([[3, 5, 9, 2]]),
+        processing_class=tok,
+    )  # fmt: skip
+    texts = ["3+5=8\n8+9=17\n17+2=19\n#19", "3+5=8\n8+9=16\n16+2=18\n#18", "3+5=8\n8+9=17\n17+2=19\n#19", "3+5=9"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    out = trainer.credit_of([prompt_text([3, 5, 9, 2])] * 4, [19] * 4, ids)
+    assert out["completion_ids"][1, : len(ids[1])].tolist() == ids[1]  # the forced completions, not samples
+    rewards = torch.tensor(chain_reward(texts, answer=[19] * 4))
+    expected = compute_tempo_advantages(out["completion_ids"], out["completion_mask"], rewards, 4)
+    assert (expected[:, 1:] != expected[:, :1]).any()  # token-level credit, not one number per row
+    torch.testing.assert_close(out["advantages"], expected.to(out["advantages"].dtype))
+
+
+# ── the command, end to end ────────────────────────────────────────────────────────────────────────────────────────
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_plots_and_credit_maps_with_a_row_per_estimator(tmp_path):
+    from PIL import Image
+
+    from trl_credit.cli import main
+    from trl_credit.demo.rl import PRESETS
+
+    out = tmp_path / "out"
+    # The --quick --seeds 1 path, shrunk for CI: a 30-step starting policy and 2 RL steps per estimator.
+    rc = main(["demo", "--quick", "--seeds", "1", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+               "--steps", "2", "--eval-every", "1", "--eval-problems", "16", "--sft-steps", "30", "--threads", "1",
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    for name in ("report.md", "accuracy_vs_step.png", "accuracy_vs_time.png", "credit_map.png", "credit_map.html",
+                 "results.json"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in ("accuracy_vs_step.png", "accuracy_vs_time.png", "credit_map.png"):
+        w, h = _png_size(out / name)
+        assert w > 200 and h > 200
+        with Image.open(out / name) as im:
+            im.verify()
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    html = (out / "credit_map.html").read_text()
+    table = report.split("## Results")[1].split("\n\n")[1].splitlines()[2:]
+    assert not results["failed"] and not results["unavailable"]
+    assert [row.split(" | ")[0].lstrip("| ") for row in table] == [p.label for p in PRESETS.values()]
+    for name, preset in PRESETS.items():
+        runs = results["estimators"][name]["runs"]
+        assert len(runs) == 1 and [p["step"] for p in runs[0]["points"]] == [0, 1, 2]
+        assert len(runs[0]["step_times"]) == 2
+        assert results["estimators"][name]["probe"], name  # every estimator scored the same probe completions
+        assert f"<h2>{preset.label}</h2>" in html
+    probes = [[r["text"] for r in results["estimators"][n]["probe"]] for n in PRESETS]
+    assert all(p == probes[0] for p in probes)
