@@ -21,6 +21,14 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def require_vllm():
+    """vLLM (the CPU build from the test extras) is part of the test suite: a missing install fails, never skips."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"vLLM is not importable ({e}); install the test extras: pip install -e '.[test]'.")
+
+
 def shared_data_dir() -> Path:
     """The project's real data: `TRL_CREDIT_DATA_DIR`, else `../shared/data` next to the clone, else the workplace's
     `/work/shared/data`. Missing data fails the tests that need it (never a silent skip)."""
@@ -47,7 +55,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def vllm_cpu_colocate(monkeypatch):
     """Patches for `use_vllm=True, vllm_mode="colocate"` on vLLM's CPU backend, undone at teardown."""
-    pytest.importorskip("vllm")
+    require_vllm()
     import torch
     import trl.generation.vllm_generation as tvg
     import vllm.model_executor.layers.utils as vlu
@@ -84,7 +92,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def vllm_cpu_server(tiny_model_dir, tmp_path_factory):
     """A real vLLM server (CPU) on loopback serving the tiny model; yields its base URL; killed at session end."""
-    pytest.importorskip("vllm")
+    require_vllm()
     import requests
 
     port = free_port()

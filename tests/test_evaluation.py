@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import require_vllm
 from trl_credit.evaluation import MathEvalCallback, compute_metrics, evaluate, majority_vote, pass_at_k
 
 
@@ -111,7 +112,7 @@ def test_evaluation_grades_a_completion_correct_when_the_gold_is_its_own_answer(
 
 @pytest.mark.vllm
 def test_trl_credit_eval_end_to_end_with_vllm_cpu(tiny_model_dir, data_dir, tmp_path):
-    pytest.importorskip("vllm")
+    require_vllm()
     out = tmp_path / "eval"
     script = Path(sys.executable).with_name("trl-credit")  # the console script declared in pyproject.toml
     command = [str(script)] if script.exists() else [sys.executable, "-m", "trl_credit.cli"]
