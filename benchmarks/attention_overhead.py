@@ -210,7 +210,8 @@ def print_row(r):
 
 def print_table(rows):
     head = ("| model | N | sampled layers | capture | naive eager | no-grad forward | fwd+bwd step | capture/step "
-            "| capture/forward | naive/capture | peak mem capture | peak mem naive | peak mem forward | peak mem step |")
+            "| capture/forward | naive/capture | peak mem capture | peak mem naive | peak mem forward "
+            "| peak mem step |")
     print(head)
     print("|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|")
     for r in rows:

@@ -90,7 +90,8 @@ def main():
                     f"{e['generation']:.1f}).")  # fmt: skip
             text = re.sub(r"^# Memory \(estimated.*$", line, path.read_text(), count=1, flags=re.M)
             path.write_text(text)
-    print(f"| recipe | weights | trainable states | activations | critic | vLLM | peak (GiB) | fits {GPU_MEMORY_GIB:.0f} GB |")
+    print("| recipe | weights | trainable states | activations | critic | vLLM | peak (GiB) "
+          f"| fits {GPU_MEMORY_GIB:.0f} GB |")
     print("|---|---|---|---|---|---|---|---|")
     for path, e in rows:
         fits = "yes" if e["peak"] <= GPU_MEMORY_GIB * 0.95 else "no"

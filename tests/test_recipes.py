@@ -43,7 +43,8 @@ def test_every_recipe_is_listed_and_uses_a_real_model_id():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.stem}")
 def test_recipe_parses_into_the_right_trainer_config(recipe):
     # use_cpu: the configs validate bf16 against the hardware; this machine has no GPU
-    script_args, training_args, model_args = parse_args(["--config", str(recipe), "--output_dir", "/tmp/parse", "--use_cpu", "true"])
+    argv = ["--config", str(recipe), "--output_dir", "/tmp/parse", "--use_cpu", "true"]
+    script_args, training_args, model_args = parse_args(argv)
     cfg = yaml.safe_load(recipe.read_text())
     assert type(training_args).__name__ == TRAINERS[script_args.trainer][1].rsplit(".", 1)[1]
     assert model_args.model_name_or_path == cfg["model_name_or_path"]
@@ -118,9 +119,11 @@ def test_ddp_accelerate_config_runs_on_two_cpu_processes(tiny_model_dir, data_di
 
     recipe = REPO / "recipes/gsm8k/qwen2.5-1.5b-instruct/tempo_lora.yaml"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/multi_gpu.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "recipes/accelerate/multi_gpu.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-        "-m", "trl_credit.train", *tiny_overrides(tiny_model_dir, data_dir, recipe, tmp_path, per_device_train_batch_size=2),
+        "-m", "trl_credit.train",
+        *tiny_overrides(tiny_model_dir, data_dir, recipe, tmp_path, per_device_train_batch_size=2),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -121,7 +121,8 @@ def test_completions_cut_at_max_length_and_masked_truncations(tiny_model_dir, tm
     # every completion hits the length limit; mask_truncated_completions turns them into empty rows
     run(tiny_model_dir, tmp_path, advantage_estimator=estimator, max_completion_length=3)
     _, logs, recorder, _ = run(
-        tiny_model_dir, tmp_path, advantage_estimator=estimator, max_completion_length=3, mask_truncated_completions=True
+        tiny_model_dir, tmp_path, advantage_estimator=estimator, max_completion_length=3,
+        mask_truncated_completions=True,
     )
     batch = recorder.batches[0]
     assert torch.count_nonzero(batch["advantages"][batch["completion_mask"] == 0]) == 0

@@ -51,7 +51,9 @@ def check_trl_compatibility(trl_version: str | None = None, trainer_cls=None) ->
     for name, params in SEAMS.items():
         method = getattr(trainer_cls, name, None)
         if method is None:
-            raise IncompatibleTRLError(f"trl.GRPOTrainer.{name} no longer exists in trl=={v}; trl_credit needs it. {fix}")
+            raise IncompatibleTRLError(
+                f"trl.GRPOTrainer.{name} no longer exists in trl=={v}; trl_credit needs it. {fix}"
+            )
         got = tuple(inspect.signature(method).parameters)[1 : 1 + len(params)]
         if got != params:
             raise IncompatibleTRLError(

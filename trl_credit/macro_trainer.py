@@ -1,4 +1,5 @@
-"""The `"segments"` credit requirement: macro actions for every trainer (MA-RLHF, https://huggingface.co/papers/2410.02743).
+"""The `"segments"` credit requirement: macro actions for every trainer (MA-RLHF,
+https://huggingface.co/papers/2410.02743).
 
 `MacroActionMixin` sits among the bases of `trl_credit.GRPOTrainer`. When an estimator registered with
 `requires=("segments", ...)` runs and `args.macro_action` is set, it computes the `(N, T)` segment ids of the global

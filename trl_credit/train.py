@@ -25,7 +25,10 @@ REWARD_FUNCS = {
     "gsm8k": "trl_credit.rewards.gsm8k_reward",
     "format": "trl_credit.rewards.format_reward",
 }
-TRAINERS = {"grpo": ("trl_credit.GRPOTrainer", "trl_credit.GRPOConfig"), "ppo": ("trl_credit.PPOTrainer", "trl_credit.PPOConfig")}
+TRAINERS = {
+    "grpo": ("trl_credit.GRPOTrainer", "trl_credit.GRPOConfig"),
+    "ppo": ("trl_credit.PPOTrainer", "trl_credit.PPOConfig"),
+}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Train a few steps under `accelerate launch` and save, per rank, what reached the loss (for tests/test_distributed.py).
+"""Train a few steps under `accelerate launch`; save, per rank, what reached the loss (for tests/test_distributed.py).
 
 usage: record_credit.py MODEL_DIR OUT_DIR ESTIMATOR [key=value ...]   (values parsed as Python literals)
 Each rank writes OUT_DIR/rank{r}.pt: a list (one per generation batch) of dicts with its local `advantages`,

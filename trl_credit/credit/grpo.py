@@ -5,7 +5,8 @@ GRPO's group-relative outcome advantage, bit for bit as TRL 1.16 computes it inl
 $$A_i = \frac{r_i - \mu_{g(i)}}{\sigma + 10^{-4}}$$
 
 with $\mu_g$ the NaN-aware group mean, $\sigma$ the Bessel-corrected NaN-aware std of the group (`scale_rewards=
-"group"`), of the whole batch (`"batch"`), or no division (`"none"`, Dr. GRPO, https://huggingface.co/papers/2503.20783).
+"group"`), of the whole batch (`"batch"`), or no division (`"none"`, Dr. GRPO,
+https://huggingface.co/papers/2503.20783).
 Unscorable completions (`NaN` reward) get advantage 0.
 
 Deviations from TRL: none (tested bit-exact against `trl.GRPOTrainer`). Paper: DeepSeekMath,

@@ -5,7 +5,7 @@ A completion is cut into segments `k = 0..S_i−1` (every token belongs to exact
 state at the start of segment `k`, `V_{S_i} = 0` (terminal), `R_k` the reward collected in segment `k` (the outcome
 reward on the last segment, plus optional dense segment rewards such as a KL penalty):
 
-$$\delta_k = R_k + \gamma V_{k+1} - V_k, \qquad A_k = \delta_k + \gamma\lambda A_{k+1}, \qquad \mathrm{Ret}_k = A_k + V_k$$
+$$\delta_k = R_k + \gamma V_{k+1} - V_k,\quad A_k = \delta_k + \gamma\lambda A_{k+1},\quad \mathrm{Ret}_k = A_k + V_k$$
 
 and every token of segment `k` gets `A_k` (and `Ret_k`).
 

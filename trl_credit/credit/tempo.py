@@ -9,7 +9,8 @@ $$A_{i,t} = A^{\mathrm{GRPO}}_i + c \cdot \frac{V(s^i_{t+1}) - V(s^i_t)}{\sigma 
 with tree values `V` (see `prefix_tree.py`) and `c = branch_td_coef` (1 in the paper). The TD term is zero at
 non-branch tokens, so those tokens equal GRPO **exactly**; along a completion the TD terms telescope to `r_i − μ`.
 
-GiGPO, Feng et al., "Group-in-Group Policy Optimization for LLM Agent Training", https://huggingface.co/papers/2505.10978,
+GiGPO, Feng et al., "Group-in-Group Policy Optimization for LLM Agent Training",
+https://huggingface.co/papers/2505.10978,
 single-turn adaptation: the anchor states are the prefix-tree nodes, so the step advantage of token t is the MC
 residual at its state,
 
