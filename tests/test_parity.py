@@ -5,7 +5,7 @@ import torch
 import trl
 
 from trl_credit import GRPOConfig, GRPOTrainer
-from trl_credit.testing import shaped_math_reward, tiny_math_dataset
+from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
 
 
 pytestmark = pytest.mark.slow
@@ -17,13 +17,7 @@ COMMON = dict(
     num_generations=4,
     max_completion_length=12,
     learning_rate=5e-3,
-    report_to="none",
-    bf16=False,
-    use_cpu=True,
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    gradient_checkpointing=False,
+    **CPU_TEST_ARGS,
     seed=7,
 )
 

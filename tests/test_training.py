@@ -8,7 +8,7 @@ from peft import LoraConfig
 
 from trl_credit import GRPOConfig, GRPOTrainer
 from trl_credit.credit import ADVANTAGE_ESTIMATORS, CreditOutput, register_advantage_estimator
-from trl_credit.testing import shaped_math_reward, tiny_math_dataset
+from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
 
 
 pytestmark = pytest.mark.slow
@@ -22,13 +22,7 @@ def make_args(tmp_path, **kw):
         num_generations=4,
         max_completion_length=10,
         learning_rate=1e-2,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
+        **CPU_TEST_ARGS,
         seed=3,
     )
     base.update(kw)

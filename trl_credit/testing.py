@@ -22,6 +22,19 @@ CHAT_TEMPLATE = (
 )
 
 
+# Trainer-config flags of every CPU smoke run: fp32 (deterministic, no bf16 autocast), no logger, no checkpoints, a log
+# line per step. Spread them into a config together with the run's own sizes.
+CPU_TEST_ARGS = dict(
+    report_to="none",
+    bf16=False,
+    use_cpu=True,
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    gradient_checkpointing=False,
+)
+
+
 def _corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []

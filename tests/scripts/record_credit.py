@@ -11,7 +11,7 @@ import sys
 import torch
 
 from trl_credit import GRPOConfig, GRPOTrainer
-from trl_credit.testing import shaped_math_reward, tiny_math_dataset
+from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
 
 
 class RecordingTrainer(GRPOTrainer):
@@ -41,13 +41,7 @@ def main():
         num_generations=2,
         max_completion_length=8,
         learning_rate=1e-2,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
+        **CPU_TEST_ARGS,
         seed=11,
     )
     kw.update(overrides)

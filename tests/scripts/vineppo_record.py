@@ -13,7 +13,7 @@ import sys
 import torch
 
 from trl_credit import GRPOConfig, GRPOTrainer
-from trl_credit.testing import shaped_math_reward, tiny_math_dataset
+from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
 
 
 class RecordingTrainer(GRPOTrainer):
@@ -61,12 +61,7 @@ def main():
         num_generations=2,
         max_completion_length=10,
         learning_rate=1e-2,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
+        **CPU_TEST_ARGS,
         seed=11,
         vine_num_rollouts=3,
         step_split="token_chunks",
