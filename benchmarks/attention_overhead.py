@@ -3,7 +3,7 @@ Cost of the attention-rhythm capture pass versus naive `output_attentions` eager
 
 For each (model, N) it measures, in one process and one after the other on the same batch:
 
-- `capture`: `trl_credit.attention_capture.capture_attention_stats` (SDPA for unsampled layers, chunked band
+- `capture`: `trl_credit.generation.attention_capture.capture_attention_stats` (SDPA for unsampled layers, chunked band
   statistics for the 5 middle-third layers, stops after the last of them);
 - `naive`: the paper-style route: the model loaded with `attn_implementation="eager"`, one no-grad forward with
   `output_attentions=True` (every layer's `(B, H, N, N)` map is returned), then WAAD/FAI/distances of the sampled layers
@@ -134,7 +134,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trl_credit.attention_capture import capture_attention_stats
+    from trl_credit.generation.attention_capture import capture_attention_stats
     from trl_credit.credit.attention import compute_fai, compute_row_distance, compute_waad, rhythm_layer_indices
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -82,9 +82,9 @@ def run_config(config: str, model_dir: str, a) -> dict:
 
     from trl_credit.configs import GRPOConfig
     from trl_credit.configs.ppo import PPOConfig
-    from trl_credit.ppo_trainer import PPOTrainer
+    from trl_credit.trainers.ppo import PPOTrainer
     from trl_credit.testing import shaped_math_reward, tiny_math_dataset
-    from trl_credit.trainer import GRPOTrainer
+    from trl_credit.trainers.grpo import GRPOTrainer
 
     cuda = torch.cuda.is_available()
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -3,7 +3,7 @@ Accuracy of VinePPO's Monte-Carlo step values against their rollout cost, for th
 step boundary) and each cost-cutting option of `trl_credit` (fewer rollouts, tree reuse, adaptive K, sparse
 boundaries), on a fixed policy whose state values are known exactly.
 
-Policy (`trl_credit.rollouts.BernoulliChainPolicy`, the VinePPO spec's oracle): a completion is `--horizon` i.i.d.
+Policy (`trl_credit.generation.rollouts.BernoulliChainPolicy`, the VinePPO spec's oracle): a completion is `--horizon` i.i.d.
 tokens, 1 with probability `p` and 0 otherwise, then EOS; reward 1 when at least half the tokens are 1. One `p` per
 prompt: `--regime mixed` draws it uniformly in [0.35, 0.65] (pass rates spread over (0, 1)); `--regime polarized` in
 [0.25, 0.4] or [0.6, 0.75] (most prompts nearly always or nearly never solved, as for a model far from or close to a
@@ -45,7 +45,7 @@ import torch
 
 from trl_credit.credit.steps import completion_boundaries, estimated_state_mask
 from trl_credit.credit.vineppo import interpolate_state_values
-from trl_credit.rollouts import BernoulliChainPolicy, VinePlan, run_mc_rollouts
+from trl_credit.generation.rollouts import BernoulliChainPolicy, VinePlan, run_mc_rollouts
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def vllm_cpu_colocate(monkeypatch):
     import trl.generation.vllm_generation as tvg
     import vllm.model_executor.layers.utils as vlu
 
-    from trl_credit import vllm_cpu
+    from trl_credit.generation import vllm_cpu
 
     # Record the originals so that monkeypatch restores them, then patch.
     monkeypatch.setattr(vlu, "dispatch_cpu_unquantized_gemm", vlu.dispatch_cpu_unquantized_gemm)
@@ -100,7 +100,7 @@ def vllm_cpu_server(tiny_model_dir, tmp_path_factory):
     log = open(log_path, "w")
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trl_credit.vllm_cpu", "--model", tiny_model_dir, "--host", "127.0.0.1",
+        [sys.executable, "-m", "trl_credit.generation.vllm_cpu", "--model", tiny_model_dir, "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
          "--kv-cache-memory-bytes", str(64 * 2**20), "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -132,7 +132,7 @@ def vllm_cpu_server_client(monkeypatch):
     from trl.generation.vllm_client import VLLMClient
     from trl.generation.vllm_generation import VLLMGeneration
 
-    from trl_credit import vllm_cpu
+    from trl_credit.generation import vllm_cpu
 
     monkeypatch.setattr(VLLMClient, "init_communicator", VLLMClient.init_communicator)
     monkeypatch.setattr(VLLMGeneration, "sync_weights", VLLMGeneration.sync_weights)

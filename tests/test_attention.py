@@ -333,7 +333,7 @@ def assert_stats_close(stats, ref, atol=1e-4):
 def test_capture_equals_eager_maps_reduced_by_the_references(which, row_shift, tiny_model_dir, gqa_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from trl_credit.attention_capture import capture_attention_stats
+    from trl_credit.generation.attention_capture import capture_attention_stats
 
     path = tiny_model_dir if which == "default_tiny" else gqa_model_dir
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
@@ -353,7 +353,7 @@ def test_capture_stops_after_last_sampled_layer_and_never_materializes_a_full_ma
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import AutoModelForCausalLM
 
-    from trl_credit.attention_capture import capture_attention_stats
+    from trl_credit.generation.attention_capture import capture_attention_stats
 
     class LargestFloatTensor(TorchDispatchMode):
         largest = 0
@@ -386,7 +386,7 @@ def test_capture_stops_after_last_sampled_layer_and_never_materializes_a_full_ma
 def test_capture_riding_along_a_full_forward_keeps_logits_bit_identical(gqa_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from trl_credit.attention_capture import attention_capture, capture_attention_stats, collect_stats
+    from trl_credit.generation.attention_capture import attention_capture, capture_attention_stats, collect_stats
 
     model = AutoModelForCausalLM.from_pretrained(gqa_model_dir, attn_implementation="sdpa").eval()
     P, T = 6, 20
@@ -407,7 +407,7 @@ def test_capture_with_lora_gradient_checkpointing_and_train_mode(gqa_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trl_credit.attention_capture import capture_attention_stats
+    from trl_credit.generation.attention_capture import capture_attention_stats
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(gqa_model_dir, attn_implementation="eager")
@@ -430,7 +430,7 @@ def test_capture_with_lora_gradient_checkpointing_and_train_mode(gqa_model_dir):
 def test_capture_in_bf16_is_close_to_the_fp32_reference(gqa_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from trl_credit.attention_capture import capture_attention_stats
+    from trl_credit.generation.attention_capture import capture_attention_stats
 
     eager = AutoModelForCausalLM.from_pretrained(gqa_model_dir, attn_implementation="eager").eval()
     model = AutoModelForCausalLM.from_pretrained(gqa_model_dir, dtype=torch.bfloat16).eval()
@@ -448,7 +448,7 @@ def test_capture_in_bf16_is_close_to_the_fp32_reference(gqa_model_dir):
 def test_models_whose_attention_cannot_be_captured_fail_with_a_clear_error(tiny_model_dir):
     from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
-    from trl_credit.attention_capture import AttentionCaptureError, check_attention_capture
+    from trl_credit.generation.attention_capture import AttentionCaptureError, check_attention_capture
 
     mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, state_size=4))
     with pytest.raises(AttentionCaptureError, match="AttentionInterface"):

@@ -395,7 +395,7 @@ def test_perplexity_rule_invariants(lengths, seed):
 
 # ── punctuation rule set on a real tokenizer ───────────────────────────────────────────────────────────────────────
 def test_punctuation_rules_on_decoded_tokens_of_a_real_tokenizer():
-    from trl_credit.macro_trainer import token_texts
+    from trl_credit.trainers.macro_actions import token_texts
     from trl_credit.testing import build_tokenizer
 
     tok = build_tokenizer()

@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from trl_credit.configs import GRPOConfig
 from trl_credit.configs.ppo import PPOConfig
-from trl_credit.ppo_trainer import VALUE_ADAPTER_NAME, VALUE_MODEL_DIR, PPOTrainer, ValueModel
+from trl_credit.trainers.ppo import VALUE_ADAPTER_NAME, VALUE_MODEL_DIR, PPOTrainer, ValueModel
 from trl_credit.testing import shaped_math_reward, tiny_math_dataset
 
 TINY = dict(

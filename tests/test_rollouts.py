@@ -11,7 +11,7 @@ import torch
 from trl_credit.credit import CreditBatch
 from trl_credit.credit.steps import boundaries_to_segment_ids, estimated_state_mask
 from trl_credit.credit.vineppo import compute_vineppo_advantages
-from trl_credit.rollouts import (
+from trl_credit.generation.rollouts import (
     BernoulliChainPolicy,
     Collective,
     RolloutBackend,
@@ -78,7 +78,7 @@ def test_repeated_prompt_groups_share_states_through_group_keys():
 
 
 def test_group_keys_merge_only_identical_prompts_and_inputs():
-    from trl_credit.vineppo import VinePPOMixin
+    from trl_credit.trainers.monte_carlo import VinePPOMixin
 
     rows = [{"prompt_ids": [1, 2], "inputs": {"solution": "3"}}] * 2
     rows += [{"prompt_ids": [1, 2], "inputs": {"solution": "4"}}] * 2
@@ -387,7 +387,7 @@ def test_vineppo_trains_with_transformers_generate_and_lora(tiny_model_dir, tmp_
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = _train(tiny_model_dir, tmp_path, peft_config=lora)
-    from trl_credit.rollouts import TransformersRolloutBackend
+    from trl_credit.generation.rollouts import TransformersRolloutBackend
 
     assert isinstance(trainer._vine_backend, TransformersRolloutBackend)
     _check_vine_training(trainer)
@@ -418,7 +418,7 @@ def test_vineppo_states_are_macro_action_boundaries_when_macro_action_is_set(tin
 def test_vineppo_trains_with_vllm_colocate_and_lora_in_one_call_per_round(tiny_model_dir, vllm_cpu_colocate, tmp_path):
     from peft import LoraConfig
 
-    from trl_credit.rollouts import VLLMColocateRolloutBackend
+    from trl_credit.generation.rollouts import VLLMColocateRolloutBackend
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = _train(tiny_model_dir, tmp_path, peft_config=lora, use_vllm=True, vllm_mode="colocate",
@@ -436,7 +436,7 @@ def test_vineppo_trains_with_vllm_colocate_and_lora_in_one_call_per_round(tiny_m
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vineppo_trains_with_vllm_server(tiny_model_dir, vllm_cpu_server, vllm_cpu_server_client, tmp_path):
-    from trl_credit.rollouts import TRLVLLMRolloutBackend
+    from trl_credit.generation.rollouts import TRLVLLMRolloutBackend
 
     trainer = _train(tiny_model_dir, tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=vllm_cpu_server,
                      vine_boundary_stride=2)  # fmt: skip

@@ -16,9 +16,9 @@ __version__ = "0.1.0.dev0"
 
 _LAZY = {
     "GRPOConfig": "trl_credit.configs",
-    "GRPOTrainer": "trl_credit.trainer",
+    "GRPOTrainer": "trl_credit.trainers.grpo",
     "PPOConfig": "trl_credit.configs",
-    "PPOTrainer": "trl_credit.ppo_trainer",
+    "PPOTrainer": "trl_credit.trainers.ppo",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -32,5 +32,5 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from .configs import GRPOConfig, PPOConfig
-    from .ppo_trainer import PPOTrainer
-    from .trainer import GRPOTrainer
+    from .trainers.ppo import PPOTrainer
+    from .trainers.grpo import GRPOTrainer

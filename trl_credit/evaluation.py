@@ -136,12 +136,12 @@ def _generate_vllm(
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from .vllm_cpu import is_vllm_cpu
+    from .generation.vllm_cpu import is_vllm_cpu
 
     kwargs: dict[str, Any] = {"model": model, "seed": seed}
     if is_vllm_cpu():
-        # Same settings as trl_credit.vllm_cpu.apply_colocate: fp32 as trained, no compilation (slow on few cores),
-        # a fixed KV cache instead of one sized from the machine's RAM; the engine in this process (no spawn, so
+        # Same settings as trl_credit.generation.vllm_cpu.apply_colocate: fp32 as trained, no compilation (slow on few
+        # cores), a fixed KV cache instead of one sized from the machine's RAM; the engine in this process (no spawn, so
         # scripts need no `__main__` guard).
         kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 * 2**20)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

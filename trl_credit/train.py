@@ -180,10 +180,10 @@ def build_datasets(script_args):
 
 
 def _prepare_vllm_on_cpu(training_args) -> None:
-    """vLLM's CPU build needs patches that TRL does not apply (see `trl_credit.vllm_cpu`); GPU runs are untouched."""
+    """vLLM's CPU build needs patches that TRL does not apply (see `trl_credit.generation.vllm_cpu`); GPU runs are untouched."""
     if not training_args.use_vllm:
         return
-    from .vllm_cpu import apply_colocate, apply_server_client, is_vllm_cpu
+    from .generation.vllm_cpu import apply_colocate, apply_server_client, is_vllm_cpu
 
     if is_vllm_cpu():
         if training_args.vllm_mode == "colocate":

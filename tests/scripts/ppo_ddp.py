@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import gather_object
 
 from trl_credit.configs.ppo import PPOConfig
-from trl_credit.ppo_trainer import VALUE_MODEL_DIR, PPOTrainer
+from trl_credit.trainers.ppo import VALUE_MODEL_DIR, PPOTrainer
 from trl_credit.testing import shaped_math_reward, tiny_math_dataset
 
 

@@ -22,7 +22,7 @@ class RecordingTrainer(GRPOTrainer):
 
     def _vine_mc_values(self, out, ctx, batch_fields):
         if self._vine_backend is None:
-            from trl_credit.rollouts import make_rollout_backend
+            from trl_credit.generation.rollouts import make_rollout_backend
 
             self._vine_backend = make_rollout_backend(self, self.args.vine_rollout_batch_size)
             generate = self._vine_backend.generate

@@ -27,7 +27,7 @@ for the coupled ("rhythm") strategy, `1 + (γ_amp − 1)·1{t ∈ T_loc}` for "p
 Both statistics are linear in the attention map, so WAAD/FAI of a head-group mean map equal the mean over the group of
 the per-head statistics; and because attention rows sum to 1, WAAD needs only the diagonal band of width `W` and FAI
 only the band `H_lo ≤ t − s ≤ H_hi`. The band forms below (`compute_waad_band`, `compute_fai_band`) are what the
-capture pass (`trl_credit.attention_capture`) evaluates per head and query chunk; the full-map forms are the
+capture pass (`trl_credit.generation.attention_capture`) evaluates per head and query chunk; the full-map forms are the
 definitions, kept as test references.
 
 Deviations from the paper / open choices we made (the paper leaves these unspecified; all but the last are options):

@@ -34,7 +34,7 @@ class Preset:
         label (`str`): name in tables and plots.
         config (`dict`): config fields that differ from the shared RL settings (the estimator and its knobs).
         trainer (`str`, *optional*, defaults to `"grpo"`): `"grpo"` (`trl_credit.GRPOTrainer` / `GRPOConfig`) or
-            `"ppo"` (`trl_credit.ppo_trainer.PPOTrainer` / `PPOConfig`, with a learned critic).
+            `"ppo"` (`trl_credit.trainers.ppo.PPOTrainer` / `PPOConfig`, with a learned critic).
         description (`str`, *optional*): one line for the report.
     """
 
@@ -113,12 +113,12 @@ def trainer_classes(preset: Preset):
     """`(ConfigClass, TrainerClass)` of a preset; raises `ImportError` when that trainer is not in the package."""
     if preset.trainer == "grpo":
         from ..configs import GRPOConfig
-        from ..trainer import GRPOTrainer
+        from ..trainers.grpo import GRPOTrainer
 
         return GRPOConfig, GRPOTrainer
     if preset.trainer == "ppo":
         from ..configs.ppo import PPOConfig
-        from ..ppo_trainer import PPOTrainer
+        from ..trainers.ppo import PPOTrainer
 
         return PPOConfig, PPOTrainer
     raise ValueError(f"Unknown trainer {preset.trainer!r} in a demo preset; use 'grpo' or 'ppo'.")

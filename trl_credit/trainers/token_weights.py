@@ -1,7 +1,7 @@
 """
 `TokenWeightingMixin`: multiplies any estimator's advantages by detached per-token weights (attention rhythm or
 high-entropy forking tokens). Orchestration only; the math is in `trl_credit.credit.attention` and
-`trl_credit.credit.weights`, the attention capture in `trl_credit.attention_capture`.
+`trl_credit.credit.weights`, the attention capture in `trl_credit.generation.attention_capture`.
 
 Where it hooks in (training only; evaluation keeps the estimator's advantages):
 
@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from ._hooks import CreditHooks
-from .attention_capture import (
+from ..credit.attention import aggregate_heads, group_heads, masked_row_mean, rhythm_gammas, rhythm_layer_indices
+from ..credit.weights import apply_token_weights, entropy_threshold, entropy_token_weights
+from ..generation.attention_capture import (
     AttentionStats,
     attention_capture,
     capture_attention_stats,
@@ -34,8 +35,7 @@ from .attention_capture import (
     num_hidden_layers,
     text_config,
 )
-from .credit.attention import aggregate_heads, group_heads, masked_row_mean, rhythm_gammas, rhythm_layer_indices
-from .credit.weights import apply_token_weights, entropy_threshold, entropy_token_weights
+from .hooks import CreditHooks
 
 
 # Multimodal inputs TRL's `_get_per_token_logps_and_entropies` slices per micro-batch (forwarded as they are in `out`).

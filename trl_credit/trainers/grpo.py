@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from trl import GRPOTrainer as _TRLGRPOTrainer
 
-from ._compat import check_trl_compatibility
-from .configs import GRPOConfig
-from .credit import CreditBatch, CreditOutput, call_estimator, get_advantage_estimator
-from .macro_trainer import MacroActionMixin
-from .vineppo import VinePPOMixin
-from .weighting import TokenWeightingMixin
+from .._compat import check_trl_compatibility
+from ..configs import GRPOConfig
+from ..credit import CreditBatch, CreditOutput, call_estimator, get_advantage_estimator
+from .macro_actions import MacroActionMixin
+from .monte_carlo import VinePPOMixin
+from .token_weights import TokenWeightingMixin
 
 
 check_trl_compatibility()

@@ -8,8 +8,9 @@ step (so the generation backend already holds this step's weights):
 1. gather each row's prompt ids, completion ids, prompt and reward inputs (one `gather_object`; a group may
    straddle two processes);
 2. cut every completion into steps (`trl_credit.credit.steps`), choose the states to estimate (cap, stride);
-3. plan the unique states and sample their Monte-Carlo continuations (`trl_credit.rollouts`), every process taking
-   an equal share of every backend call; score them by calling the reward functions directly on this thread;
+3. plan the unique states and sample their Monte-Carlo continuations (`trl_credit.generation.rollouts`), every
+   process taking an equal share of every backend call; score them by calling the reward functions directly on this
+   thread;
 4. return `segment_ids (N, T)` and per-row `segment_values (N, S)` (interpolated for strided boundaries); the
    `"vineppo"` estimator turns them into advantages.
 
@@ -26,16 +27,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._hooks import CreditHooks
-from .credit import vineppo as _vineppo  # noqa: F401  (registers the "vineppo" estimator)
-from .credit.steps import (
+from ..credit import vineppo as _vineppo  # noqa: F401  (registers the "vineppo" estimator)
+from ..credit.steps import (
     boundaries_to_segment_ids,
     estimated_state_mask,
     segment_completions,
     segment_ids_to_boundaries,
 )
-from .credit.vineppo import interpolate_state_values
-from .rollouts import AccelerateCollective, VinePlan, make_rollout_backend, run_mc_rollouts, widen_vllm_max_num_seqs
+from ..credit.vineppo import interpolate_state_values
+from ..generation.rollouts import (
+    AccelerateCollective,
+    VinePlan,
+    make_rollout_backend,
+    run_mc_rollouts,
+    widen_vllm_max_num_seqs,
+)
+from .hooks import CreditHooks
 
 
 def _noop(*args, **kwargs) -> None:

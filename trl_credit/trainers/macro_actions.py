@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from ._hooks import CreditHooks
-from .credit.macro import (
+from ..credit.macro import (
     boundary_segments,
     macro_log_ratio,
     ngram_segments,
@@ -28,6 +27,7 @@ from .credit.macro import (
     segment_metrics,
     token_segments,
 )
+from .hooks import CreditHooks
 
 
 def token_texts(tokenizer) -> tuple[list[str], list[bool]]:
@@ -149,7 +149,7 @@ class MacroActionMixin(CreditHooks):
 
     def _macro_step_starts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
         """Token positions where each reasoning step starts (VinePPO's `step_split` and `vine_chunk_tokens`)."""
-        from .credit.steps import segment_completions
+        from ..credit.steps import segment_completions
 
         tokenizer = self._tokenizer
         completions = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
