@@ -169,6 +169,78 @@ def test_gigpo_spec_worked_example_mean_norm():
         assert got == pytest.approx(exp, abs=1e-4)
 
 
+def test_gigpo_official_mean_std_norm_divides_the_step_residual_by_its_own_step_group_std():
+    # Issue 12 item 2: the official `step_norm_reward` divides r − mean(D(s)) by std(D(s)), not by the episode std.
+    # Spec group, r = [1, 0, 1, 0], ungated, scale_rewards="group" (the episode std of mean_std_norm).
+    ids, mask = pad(SPEC_COMPS)
+    adv = compute_gigpo_advantages(ids, mask, SPEC_R, 4, scale_rewards="group", branch_only=False)
+    assert adv[0, 2].item() == pytest.approx(1.5731, abs=5e-4)  # was 1.7318 with the episode std
+    episode = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # (r − μ) / (σ + 1e-4), σ = std([1, 0, 1, 0])
+    root, one, one_two = math.sqrt(1 / 3), math.sqrt(1 / 3), math.sqrt(0.5)  # std of D(root), D(1), D(1, 2)
+    expected = [
+        [episode + 0.5 / (root + 1e-4), episode + (1 / 3) / (one + 1e-4), episode + 0.5 / (one_two + 1e-4)],
+        [-episode - 0.5 / (root + 1e-4), -episode - (2 / 3) / (one + 1e-4), -episode - 0.5 / (one_two + 1e-4)],
+        [episode + 0.5 / (root + 1e-4), episode + (1 / 3) / (one + 1e-4)],
+        [-episode - 0.5 / (root + 1e-4)],
+    ]
+    assert_rows_close(rows(adv, SPEC_COMPS), expected, 1e-6)
+    # The spec's values with the official epsilon (1e-6) agree to the fourth decimal.
+    official = [[1.7320, 1.4434, 1.5731], [-1.7320, -2.0207, -1.5731], [1.7320, 1.4434], [-1.7320]]
+    for got, exp in zip(rows(adv, SPEC_COMPS), official):
+        assert got == pytest.approx(exp, abs=5e-4)
+    assert_rows_close(rows(adv, SPEC_COMPS), gigpo_reference(SPEC_COMPS, SPEC_R.tolist(), 4, "group", 1.0, False))
+
+
+def test_gigpo_step_norm_auto_follows_scale_rewards_and_explicit_modes_mix():
+    ids, mask = pad(SPEC_COMPS)
+    for scale, mode in (("group", "std"), ("batch", "std"), ("none", "none")):
+        auto = compute_gigpo_advantages(ids, mask, SPEC_R, 4, scale, branch_only=False)
+        explicit = compute_gigpo_advantages(ids, mask, SPEC_R, 4, scale, branch_only=False, step_norm=mode)
+        assert torch.equal(auto, explicit)
+    # episode std with a raw step residual: 0.866 + (1 − 0.5) at row 0, token 2
+    mixed = compute_gigpo_advantages(ids, mask, SPEC_R, 4, "group", branch_only=False, step_norm="none")
+    assert mixed[0, 2].item() == pytest.approx(0.5 / (math.sqrt(1 / 3) + 1e-4) + 0.5, abs=1e-6)
+    # raw episode term with the step group's std: 0.5 + 0.5 / std([1, 0])
+    mixed = compute_gigpo_advantages(ids, mask, SPEC_R, 4, "none", branch_only=False, step_norm="std")
+    assert mixed[0, 2].item() == pytest.approx(0.5 + 0.5 / (math.sqrt(0.5) + 1e-4), abs=1e-6)
+    with pytest.raises(ValueError, match="gigpo_step_norm"):
+        compute_gigpo_advantages(ids, mask, SPEC_R, 4, step_norm="group")
+
+
+def test_gigpo_step_groups_of_one_or_without_spread_stay_finite_and_carry_no_step_term():
+    # Row 2 and 3 share token 7 but have equal rewards: their step group has std 0 and residual 0 (no 0/0, no 1e4).
+    comps = [[1, 2], [1, 3], [7, 8], [7, 9], [5]]
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    ids, mask = pad(comps)
+    for scale in ("group", "batch", "none"):
+        adv = compute_gigpo_advantages(ids, mask, r, 5, scale, branch_only=False, step_norm="std")
+        assert torch.isfinite(adv).all()
+        grpo = compute_grpo_advantages(r, 5, scale)
+        assert torch.equal(adv[2:4, 1], grpo[2:4])  # D((7,)) = rows 2, 3 with equal rewards: episode term only
+        assert_rows_close(rows(adv, comps), gigpo_reference(comps, r.tolist(), 5, scale, 1.0, False, step_norm="std"))
+    # a group of one completion: no step group to normalize against, advantage 0
+    ids, mask = pad([[1, 2, 3], [4, 5]])
+    assert torch.count_nonzero(compute_gigpo_advantages(ids, mask, torch.tensor([1.0, 0.0]), 1, "group")) == 0
+
+
+def test_gigpo_step_norm_reaches_the_estimator_from_the_config(tmp_path):
+    from trl_credit import GRPOConfig
+    from trl_credit.credit import CreditBatch, call_estimator, get_advantage_estimator
+
+    ids, mask = pad(SPEC_COMPS)
+    batch = CreditBatch(completion_ids=ids, completion_mask=mask, rewards=SPEC_R, num_generations=4)
+    fn = get_advantage_estimator("gigpo")
+    kw = dict(output_dir=str(tmp_path), advantage_estimator="gigpo", gigpo_branch_only=False, report_to="none",
+              use_cpu=True)  # fmt: skip
+    args = GRPOConfig(**kw)
+    assert args.gigpo_step_norm == "auto" and "gigpo_step_norm (`str`" in GRPOConfig.__doc__
+    assert call_estimator(fn, batch, args).advantages[0, 2].item() == pytest.approx(1.5731, abs=5e-4)
+    args = GRPOConfig(**kw, gigpo_step_norm="none")
+    assert call_estimator(fn, batch, args).advantages[0, 2].item() == pytest.approx(1.3659, abs=5e-4)
+    with pytest.raises(ValueError, match="gigpo_step_norm must be one of"):
+        GRPOConfig(**kw, gigpo_step_norm="mean_std_norm")
+
+
 def test_gigpo_branch_gate_removes_the_step_term_on_shared_non_branch_tokens():
     comps = [[7, 8, 5], [7, 8, 6], [7, 3], [7, 4]]
     r = [1.0, 0.0, 1.0, 0.0]
@@ -212,8 +284,9 @@ comps_strategy = st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=6), m
     data=st.data(),
     scale=st.sampled_from(["group", "batch", "none"]),
     coef=st.sampled_from([1.0, 0.5]),
+    step_norm=st.sampled_from(["auto", "std", "none"]),
 )
-def test_tempo_and_gigpo_equal_the_reference_loops_on_random_groups(comps, data, scale, coef):
+def test_tempo_and_gigpo_equal_the_reference_loops_on_random_groups(comps, data, scale, coef, step_norm):
     G = len(comps)
     comps = comps + data.draw(st.lists(st.lists(st.integers(0, 3), max_size=6), min_size=G, max_size=G))
     rewards = data.draw(
@@ -225,6 +298,6 @@ def test_tempo_and_gigpo_equal_the_reference_loops_on_random_groups(comps, data,
     assert_rows_close(rows(adv, comps), tempo_reference(comps, rewards, G, scale, coef), 1e-4)
     assert torch.count_nonzero(adv[mask == 0]) == 0
     for branch_only in (True, False):
-        adv = compute_gigpo_advantages(ids, mask, r, G, scale, coef, branch_only)
-        ref = gigpo_reference(comps, rewards, G, scale, coef, branch_only)
+        adv = compute_gigpo_advantages(ids, mask, r, G, scale, coef, branch_only, step_norm=step_norm)
+        ref = gigpo_reference(comps, rewards, G, scale, coef, branch_only, step_norm=step_norm)
         assert_rows_close(rows(adv, comps), ref, 1e-4)

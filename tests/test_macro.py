@@ -679,3 +679,173 @@ def test_macro_ratio_levels_in_the_loss(tiny_model_dir, tmp_path):
 
         GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, advantage_estimator="macro_tempo",
                    macro_action="ngram", macro_ratio_level="macro_product", beta=0.04)  # fmt: skip
+
+
+# ── issue 12: "step" with Monte-Carlo values, perplexity source in PPO, last_singleton warning ────────────────────────
+TEXTS = ["First, 2 + 3 = 5.\nThen 5 * 2 = 10.\n#### 10", "She has 3 apples (and 2 pears).", "42"]
+
+
+def _texts_batch(tok):
+    rows = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in TEXTS]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    mask = (torch.arange(T)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    prompt = torch.tensor([tok.encode("What is 2 + 3?", add_special_tokens=False)] * 3)
+    out = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": ids, "completion_mask": mask}
+    return rows, out, {"completion_ids": ids, "completion_mask": mask}
+
+
+def test_step_macros_with_monte_carlo_values_are_exactly_the_native_steps(tiny_model_dir, tmp_path):
+    from trl_credit import GRPOConfig, GRPOTrainer
+    from trl_credit.credit.steps import segment_completions
+    from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+
+    args = GRPOConfig(output_dir=str(tmp_path), advantage_estimator="vineppo", macro_action="step",
+                      step_split="newline", num_generations=3, per_device_train_batch_size=3, **CPU_TEST_ARGS)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=args,
+                          train_dataset=tiny_math_dataset(6))  # fmt: skip
+    assert args.macro_action_last_singleton  # the default stays on; "step" ignores it for Monte-Carlo values
+    tok = trainer.processing_class
+    rows, out, fields = _texts_batch(tok)
+    seg = trainer._credit_requirement("segments", out, {}, fields)["segment_ids"]
+    native, _, _ = segment_completions(
+        rows, seg.size(1), step_split="newline", chunk_tokens=args.vine_chunk_tokens,
+        batch_decode=lambda s: tok.batch_decode(s, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+        special_token_ids=set(tok.all_special_ids) | set(trainer.eos_token_ids),
+    )  # fmt: skip
+    assert torch.equal(seg, native)
+    # EOS joins the last step: no one-token last macro, hence no extra Monte-Carlo state before it
+    pieces = [tok.decode(out["completion_ids"][0, a:b]) for a, b in segs_of(seg[0])]
+    assert pieces == ["First, 2 + 3 = 5.", "\nThen 5 * 2 = 10.\n#### 10" + tok.eos_token]
+    assert num_segments(seg).tolist() == [2, 1, 1]
+
+
+@pytest.mark.slow
+def test_vineppo_with_step_macros_trains_exactly_like_native_steps(tiny_model_dir, tmp_path):
+    from trl_credit import GRPOConfig, GRPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+
+    def run(name, **kw):
+        records = []
+
+        class Recording(GRPOTrainer):
+            def _vine_mc_values(self, out, ctx, batch_fields):
+                result = super()._vine_mc_values(out, ctx, batch_fields)
+                records.append(result["segment_ids"].clone())
+                return result
+
+        args = GRPOConfig(
+            output_dir=str(tmp_path / name), advantage_estimator="vineppo", max_steps=1, per_device_train_batch_size=4,
+            num_generations=2, max_completion_length=8, learning_rate=5e-2, seed=5, vine_num_rollouts=2,
+            step_split="token_chunks", vine_chunk_tokens=3, **CPU_TEST_ARGS, **kw,
+        )  # fmt: skip
+        trainer = Recording(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=args,
+                            train_dataset=tiny_math_dataset(8))  # fmt: skip
+        trainer.train()
+        log = trainer.state.log_history[0]
+        return records, log, torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+
+    native_seg, native_log, native_params = run("native")
+    step_seg, step_log, step_params = run("step", macro_action="step")
+    assert all(torch.equal(a, b) for a, b in zip(native_seg, step_seg, strict=True))
+    for key in ("credit/mc_unique_states", "credit/mc_rollouts", "credit/vine_steps_mean", "loss"):
+        assert step_log[key] == native_log[key], key
+    assert torch.equal(step_params, native_params)
+
+
+def _ppo_perplexity_trainer(model_dir, tmp_path, **kw):
+    from trl_credit import PPOConfig, PPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+
+    args = PPOConfig(output_dir=str(tmp_path), macro_action="perplexity", num_generations=3,
+                     per_device_train_batch_size=3, **CPU_TEST_ARGS, **kw)  # fmt: skip
+    return PPOTrainer(model=model_dir, reward_funcs=shaped_math_reward, args=args, train_dataset=tiny_math_dataset(6))
+
+
+def _assign_credit_counting_forwards(trainer, out):
+    """Run the trainer's credit assignment on `out`; return the segment ids and the models of every log-prob pass."""
+    seen, forwards = {}, []
+    inner_segments, inner_logps = trainer._macro_segment_ids, trainer._get_per_token_logps_and_entropies
+
+    def segments(out, ctx, fields):
+        seen["seg"] = inner_segments(out, ctx, fields)
+        return seen["seg"]
+
+    def logps(model, *args, **kwargs):
+        forwards.append(model)
+        return inner_logps(model, *args, **kwargs)
+
+    trainer._macro_segment_ids, trainer._get_per_token_logps_and_entropies = segments, logps
+    out = dict(out, advantages=torch.zeros(out["completion_ids"].size(0)))
+    ids = [row[m.bool()].tolist() for row, m in zip(out["completion_ids"], out["completion_mask"])]
+    ctx = {  # what the trainer's `_calculate_rewards` seam keeps
+        "inputs": [{"prompt": "What is 2 + 3?", "solution": "5"}] * 3, "prompts": ["What is 2 + 3?"] * 3,
+        "completions": TEXTS, "completion_ids_list": ids, "rewards_per_func": torch.tensor([[1.0], [0.0], [0.5]]),
+    }  # fmt: skip
+    trainer._assign_credit(out, ctx)
+    trainer._macro_segment_ids, trainer._get_per_token_logps_and_entropies = inner_segments, inner_logps
+    return seen["seg"], forwards, out
+
+
+def test_ppo_perplexity_macros_read_the_reference_log_probs_of_the_kl_penalty_without_an_extra_pass(
+    tiny_model_dir, tmp_path
+):
+    trainer = _ppo_perplexity_trainer(tiny_model_dir, tmp_path)
+    assert trainer.args.kl_coef == 0.05 and trainer.ref_model is not None  # a KL penalty, hence a reference model
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that has moved away from the reference
+        for p in trainer.model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    _, out, _ = _texts_batch(trainer.processing_class)
+    seg, forwards, out = _assign_credit_counting_forwards(trainer, out)
+    # one reference pass, shared by the segmentation and the KL penalty; no policy pass for the perplexity
+    assert forwards == [trainer.ref_model, trainer.model]  # reference (perplexity + KL), policy (π_old of the KL)
+    ref = trainer._get_per_token_logps_and_entropies(
+        trainer.ref_model, torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+        torch.cat([out["prompt_mask"], out["completion_mask"]], 1), out["completion_ids"].size(1),
+    )[0]  # fmt: skip
+    assert torch.equal(seg, perplexity_segments(ref, out["completion_mask"]))
+    assert not torch.equal(seg, perplexity_segments(trainer._policy_logps(out), out["completion_mask"]))
+    assert trainer._metrics["train"]["credit/macro_ppl_reference"] == [1.0]
+
+
+def test_ppo_perplexity_macros_without_a_reference_read_the_sampling_log_probs(tiny_model_dir, tmp_path):
+    trainer = _ppo_perplexity_trainer(tiny_model_dir, tmp_path, kl_coef=0.0)
+    assert trainer.ref_model is None
+    _, out, _ = _texts_batch(trainer.processing_class)
+    # TRL's old log-probs (sampling policy) when it computed them: no forward pass at all
+    old = torch.randn(out["completion_ids"].shape)
+    seg, forwards, _ = _assign_credit_counting_forwards(trainer, dict(out, old_per_token_logps=old))
+    assert forwards == [] and torch.equal(seg, perplexity_segments(old, out["completion_mask"]))
+    # on-policy without them: one no-grad pass of the policy, which is the sampling policy
+    seg, forwards, _ = _assign_credit_counting_forwards(trainer, out)
+    assert forwards == [trainer.model]
+    assert torch.equal(seg, perplexity_segments(trainer._policy_logps(out), out["completion_mask"]))
+    assert trainer._metrics["train"]["credit/macro_ppl_reference"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, warns",
+    [
+        (dict(macro_action="ngram", macro_action_last_singleton=False), True),
+        (dict(macro_action="punctuation", macro_action_last_singleton=False), True),
+        (dict(macro_action="ngram"), False),  # last singleton (default): the outcome stays whole
+        (dict(macro_action="ngram", macro_action_last_singleton=False, macro_reward_agg="sum"), False),
+        (dict(macro_action="ngram", macro_action_n=1, macro_action_last_singleton=False), False),  # one token each
+        (dict(macro_action="token", macro_action_last_singleton=False), False),
+        (dict(advantage_estimator="vineppo", kl_coef=0.0, macro_action="ngram", macro_action_last_singleton=False),
+         False),  # Monte-Carlo values: no macro rewards
+    ],
+)
+def test_last_singleton_off_with_mean_macro_rewards_warns_at_construction(tmp_path, kwargs, warns):
+    import warnings
+
+    from trl_credit import PPOConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", **kwargs)
+    messages = [str(w.message) for w in caught if "macro_action_last_singleton=False" in str(w.message)]
+    assert len(messages) == (1 if warns else 0)
+    if warns:
+        assert "divided by the length of the last macro" in messages[0] and "macro_reward_agg='sum'" in messages[0]

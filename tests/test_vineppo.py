@@ -184,3 +184,59 @@ def test_config_defaults_are_the_papers_and_documented(tmp_path):
     assert not args.vine_tree_reuse and not args.vine_adaptive_k and args.vine_advantage_norm == "batch"
     assert args.needs_mc_values and "> Parameters that control VinePPO" in GRPOConfig.__doc__
     assert not GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none").needs_mc_values
+
+
+# ── truncation: one rule for training completions and Monte-Carlo rollouts (issue 12, item 3) ─────────────────────
+def test_a_truncated_completion_gets_the_truncation_penalty_as_a_truncated_rollout_does():
+    from trl_credit.credit.vineppo import apply_truncation_penalty
+
+    comps = [[5, 6, 2], [5, 6, 7], [5, 2], [], [5, 6, 7], [5, 6, 7, 8]]
+    rewards = torch.tensor([1.0, 1.0, 0.3, 0.7, NAN, 0.2])
+    out, truncated = apply_truncation_penalty(rewards, comps, 3, [2], truncation_penalty=-0.5)
+    # ends in EOS at the horizon: finished; no EOS at the horizon (or beyond): truncated; shorter: finished
+    assert truncated.tolist() == [False, True, False, False, True, True]
+    assert out[[0, 1, 2, 3, 5]].tolist() == [1.0, -0.5, pytest.approx(0.3), pytest.approx(0.7), -0.5]
+    assert math.isnan(out[4])  # unscorable stays unscorable (advantage 0)
+    # the same rule VinePlan applies to a completion used as a free sample of a state's value (tree reuse)
+    from trl_credit.generation.rollouts import VinePlan
+
+    plan = VinePlan([[1]] * 6, comps, [[0]] * 6, torch.zeros(6, 1, dtype=torch.bool), rewards, [0] * 6,
+                    max_completion_length=3, num_rollouts=1, tree_reuse=True, truncation_penalty=-0.5,
+                    eos_token_ids=[2])  # fmt: skip
+    assert plan.sample_values[:4] == pytest.approx(out[:4].tolist()) and plan.sample_values[5] == -0.5
+    with pytest.raises(ValueError, match="completions for"):
+        apply_truncation_penalty(rewards, comps[:2], 3, [2])
+
+
+@pytest.mark.slow
+def test_constant_reward_with_truncated_completions_and_rollouts_gives_zero_advantages(tiny_model_dir, tmp_path):
+    # EOS suppressed: every completion and every rollout hits the horizon. The reward function says 1 for all of them,
+    # but a truncated rollout is worth vine_truncation_penalty (0); the training completion must be too, or
+    # A_{S-1} = 1 − V̂ = 1 and whitening spreads |A| up to ~2 over a policy that should not move.
+    from trl_credit import GRPOConfig, GRPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, build_tokenizer, tiny_math_dataset
+
+    seen = []
+
+    class Recording(GRPOTrainer):
+        def _assign_credit(self, out, ctx):
+            super()._assign_credit(out, ctx)
+            seen.append((out["advantages"].clone(), [len(c) for c in ctx["completion_ids_list"]]))
+
+    eos = build_tokenizer().eos_token_id
+    args = GRPOConfig(
+        output_dir=str(tmp_path), advantage_estimator="vineppo", max_steps=2, per_device_train_batch_size=4,
+        num_generations=2, max_completion_length=8, learning_rate=5e-2, seed=0, vine_num_rollouts=2,
+        step_split="token_chunks", vine_chunk_tokens=3, generation_kwargs={"suppress_tokens": [eos]}, **CPU_TEST_ARGS,
+    )  # fmt: skip
+    trainer = Recording(model=tiny_model_dir, reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                        args=args, train_dataset=tiny_math_dataset(8))  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert len(seen) == 2
+    for advantages, lengths in seen:
+        assert lengths and all(n == 8 for n in lengths)  # every completion truncated
+        assert torch.count_nonzero(advantages) == 0
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["credit/mc_truncation_rate"] == 1.0 and h["credit/vine_truncated_completions"] == 1.0 for h in logs)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))  # the policy stayed

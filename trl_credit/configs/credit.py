@@ -25,7 +25,13 @@ class CreditArguments:
     gigpo_branch_only (`bool`, *optional*, defaults to `True`):
         GiGPO: apply the step term only at branch tokens of the prefix tree. `False` applies `r_i − V(s_t)` on every
         shared-prefix token; its zero-sum terms cancel only under token-level loss normalization, so it is rejected
-        with `loss_type="grpo"` or `"sapo"`. Use `scale_rewards="none"` for GiGPO's default `mean_norm`.
+        with `loss_type="grpo"` or `"sapo"`.
+    gigpo_step_norm (`str`, *optional*, defaults to `"auto"`):
+        GiGPO: normalization of the step residual `r_i − V(s)`. `"std"`: divided by the std of the rewards of its own
+        step group `D(s)` (the completions through the state `s`; 1 for a group of one), as the official
+        `mean_std_norm`. `"none"`: not divided, as the official `mean_norm`. `"auto"`: `"none"` with
+        `scale_rewards="none"`, else `"std"`, so that `scale_rewards="none"` is exactly GiGPO's default `mean_norm` and
+        `scale_rewards="group"` its `mean_std_norm`. `scale_rewards` normalizes the episode term.
     """
 
     advantage_estimator: str = field(
@@ -53,6 +59,14 @@ class CreditArguments:
         },
     )
 
+    gigpo_step_norm: str = field(
+        default="auto",
+        metadata={
+            "help": "GiGPO: normalization of the step residual r - V(s): 'std' (std of its own step group, official "
+            "mean_std_norm), 'none' (official mean_norm) or 'auto' ('none' with scale_rewards='none', else 'std')."
+        },
+    )
+
     _provides_critic = False  # PPOConfig: the trainer builds a critic for "critic_values" estimators
 
     def _validate_credit(self) -> None:
@@ -69,6 +83,14 @@ class CreditArguments:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}.")
+        from ..credit.tempo import GIGPO_STEP_NORMS
+
+        if self.gigpo_step_norm not in GIGPO_STEP_NORMS:
+            raise ValueError(
+                f"gigpo_step_norm must be one of {GIGPO_STEP_NORMS}, got {self.gigpo_step_norm!r}: 'std' divides "
+                "GiGPO's step residual by the std of its step group, 'none' leaves it raw, 'auto' follows "
+                "scale_rewards."
+            )
 
         if self.advantage_estimator in ("tempo", "gigpo") and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
 # Register the estimators that read segments ("macro_tempo", "gae") before any config validates its estimator name.
@@ -21,8 +23,9 @@ class MacroActionArguments:
         `"random_ngram"`: lengths shuffled from `macro_action_lengths`, the rest of the completion as one macro.
         `"punctuation"`: sentence, clause, line and bracket boundaries read from the decoded tokens (stands in for the
         paper's constituency parser). `"perplexity"`: cut where the per-token perplexity rises. `"step"`: reasoning
-        steps (the VinePPO splitter). Used by estimators that read segments: `"gae"` (MA-PPO), `"vineppo"` (MC values
-        at macro boundaries), `"macro_tempo"` (TEMPO with tree nodes at macro boundaries).
+        steps (the VinePPO splitter; with `"vineppo"` exactly its native steps). Used by estimators that read
+        segments: `"gae"` (MA-PPO), `"vineppo"` (MC values at macro boundaries), `"macro_tempo"` (TEMPO with tree
+        nodes at macro boundaries).
     macro_action_n (`int`, *optional*, defaults to `5`):
         Macro length for `macro_action="ngram"`. `1` equals token-level credit exactly.
     macro_action_max_len (`int` or `None`, *optional*, defaults to `None`):
@@ -36,7 +39,9 @@ class MacroActionArguments:
         `seed`.
     macro_action_last_singleton (`bool`, *optional*, defaults to `True`):
         Make the last completion token its own macro, so that the outcome reward is not averaged with the KL penalties
-        of other tokens (official MA-RLHF convention).
+        of other tokens (official MA-RLHF convention). `False` with `macro_reward_agg="mean"` divides the outcome by
+        the last macro's length (a warning says so). Ignored by `macro_action="step"` with Monte-Carlo values
+        (`"vineppo"`), which uses exactly the native reasoning steps.
     macro_value_agg (`str`, *optional*, defaults to `"mean"`):
         Value of a macro from its token values (critic): `"mean"` (official code), `"first"` (value at the macro's
         start state, semi-MDP theory), `"last"`, or `"position"` (weights ∝ 1/(j+1)).
@@ -53,7 +58,8 @@ class MacroActionArguments:
     macro_ppl_boundary (`str`, *optional*, defaults to `"code"`):
         For `"perplexity"`: `"code"` starts a macro at the token before a perplexity rise (official code); `"paper"`
         at the rising token (perplexity non-increasing inside every macro). The perplexity is read from the reference
-        log-probs when the trainer has them, otherwise from the sampling policy's.
+        log-probs when the trainer computes them (TRL's `beta`, `PPOTrainer`'s `kl_coef`; no extra forward pass),
+        otherwise from the sampling policy's; `credit/macro_ppl_reference` logs which (1 = reference).
     """
 
     macro_action: str | None = field(
@@ -177,3 +183,16 @@ class MacroActionArguments:
                 "GRPO and an outcome reward every macro gets the same advantage, so macro grouping changes nothing "
                 "(ma-rlhf spec §8.2). Unset macro_action or pick one of these estimators."
             )
+        single_token = self.macro_action == "token" or (self.macro_action == "ngram" and self.macro_action_n == 1)
+        reads_macro_rewards = "macro_reward_agg" in inspect.signature(estimator).parameters
+        if reads_macro_rewards and not self.macro_action_last_singleton and self.macro_reward_agg == "mean":
+            if not single_token:
+                warnings.warn(
+                    "macro_action_last_singleton=False with macro_reward_agg='mean': the outcome reward sits on the "
+                    "last token and the last macro's reward is the mean over its tokens, so the outcome is divided by "
+                    "the length of the last macro (and mixed with its KL penalties). Keep "
+                    "macro_action_last_singleton=True (official MA-RLHF) or use macro_reward_agg='sum' (the paper's "
+                    "macro reward).",
+                    UserWarning,
+                    stacklevel=3,
+                )

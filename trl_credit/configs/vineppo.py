@@ -32,8 +32,10 @@ class VinePPOArguments:
         `"batch"` (paper): whiten the token advantages over the batch's valid tokens. `"group"`: whiten within each
         prompt's group. `"none"`: raw TD advantages (in `[-1, 1]` for 0/1 rewards).
     vine_truncation_penalty (`float`, *optional*, defaults to `0.0`):
-        Reward of a Monte-Carlo continuation that hits its token budget `max_completion_length − prefix_length`
-        without EOS (the paper's unfinished-response penalty, 0).
+        Reward of an unfinished sequence, one that reaches the horizon `max_completion_length` without EOS: a
+        Monte-Carlo continuation that uses up its budget `max_completion_length − prefix_length`, and a training
+        completion that is cut at `max_completion_length` alike, so that `r − V̂` compares values on one scale (the
+        official unfinished-response penalty, 0).
     vine_tree_reuse (`bool`, *optional*, defaults to `False`):
         Not in the paper. Count the group's own completions that pass through a state as free samples of its value
         (leave-one-out: a completion never enters its own baseline) and sample only the missing `K − free` rollouts.
@@ -84,7 +86,10 @@ class VinePPOArguments:
     )
     vine_truncation_penalty: float = field(
         default=0.0,
-        metadata={"help": "VinePPO: reward of an MC continuation that hits its token budget without EOS (paper: 0)."},
+        metadata={
+            "help": "VinePPO: reward of a sequence that reaches max_completion_length without EOS, MC continuation or "
+            "training completion alike (paper: 0)."
+        },
     )
     vine_tree_reuse: bool = field(
         default=False,

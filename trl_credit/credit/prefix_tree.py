@@ -6,7 +6,8 @@ completions that pass through prefix `s`, and
 
 $$V(s) = \frac{1}{|D(s)|} \sum_{j \in D(s)} r_j$$
 
-(NaN-aware: unscorable completions are members of `D(s)` but do not enter the mean). Token `t` of completion `i` is a
+(NaN-aware: unscorable completions are members of `D(s)` but do not enter the mean), and `σ(s)` the unbiased std of the
+same rewards (GiGPO's step normalization). Token `t` of completion `i` is a
 **branch token** when `D(s^i_{t+1}) ⊊ D(s^i_t)`: some sibling takes a different token at this node.
 
 Vectorized: for each pair of completions of a group, the depth of their shared prefix (scanning tokens in chunks
@@ -33,6 +34,8 @@ class PrefixTreeValues:
     Attributes:
         v_parent: `V(s^i_t)`, value of the state before token t (NaN where no scorable member or padding).
         v_child: `V(s^i_{t+1})`, value of the state after token t.
+        std_parent: `σ(s^i_t)`, unbiased std of the scorable rewards of `D(s^i_t)` (NaN where fewer than two, or
+            padding).
         is_branch: bool, token t is a branch token (always False on padding).
         members: number of completions (scorable or not) sharing the prefix through token t, `|D(s^i_{t+1})|`.
         valid: bool, real completion tokens.
@@ -43,6 +46,7 @@ class PrefixTreeValues:
 
     v_parent: torch.Tensor
     v_child: torch.Tensor
+    std_parent: torch.Tensor
     is_branch: torch.Tensor
     members: torch.Tensor
     valid: torch.Tensor
@@ -132,11 +136,19 @@ def prefix_tree_values(
     members = _subtree_sums(depth, torch.ones(N, dtype=torch.long, device=depth.device), T)
     count = _subtree_sums(depth, scorable.to(torch.float32), T)
     total = _subtree_sums(depth, torch.nan_to_num(rewards, nan=0.0), T)
+    # float64 second moment: Σr² − n·mean² loses digits in float32 when the rewards are large and close together.
+    r64 = torch.nan_to_num(rewards.to(torch.float64), nan=0.0)
+    total64 = _subtree_sums(depth, r64, T)
+    square64 = _subtree_sums(depth, r64 * r64, T)
 
     nan = torch.tensor(float("nan"), device=depth.device)
     v = torch.where(count > 0, total / count.clamp(min=1), nan)
     v_parent = torch.where(valid, v[:, :-1], nan)
     v_child = torch.where(valid, v[:, 1:], nan)
+    n64 = count.to(torch.float64)
+    var = ((square64 - total64 * total64 / n64.clamp(min=1)) / (n64 - 1).clamp(min=1)).clamp(min=0)
+    std = torch.where(count > 1, var.sqrt().to(torch.float32), nan)
+    std_parent = torch.where(valid, std[:, :-1], nan)
     is_branch = valid & (members[:, 1:] < members[:, :-1])
 
     lengths = valid.sum(1)
@@ -145,6 +157,7 @@ def prefix_tree_values(
     return PrefixTreeValues(
         v_parent=v_parent,
         v_child=v_child,
+        std_parent=std_parent,
         is_branch=is_branch,
         members=members[:, 1:],
         valid=valid,

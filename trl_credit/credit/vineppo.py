@@ -8,7 +8,10 @@ current policy, $\hat V(s_k) = \frac{1}{K}\sum_{j=1}^{K} r(s_k, \tilde y_j)$ (pr
 
 $$A_k = R_k + \hat V(s_{k+1}) - \hat V(s_k), \qquad R_k = r\,\mathbb 1[k = S-1], \qquad \hat V(s_S) = 0,$$
 
-so the last step uses the real reward, $A_{S-1} = r - \hat V(s_{S-1})$, and $\sum_k A_k = r - \hat V(s_0)$. Every
+so the last step uses the real reward, $A_{S-1} = r - \hat V(s_{S-1})$, and $\sum_k A_k = r - \hat V(s_0)$. The outcome
+`r` of a completion that reached the horizon without EOS is `vine_truncation_penalty`, the value a truncated
+Monte-Carlo continuation gets (`apply_truncation_penalty`, one rule for both; the official unfinished-response
+penalty), so `r − V̂` never compares two different rewards. Every
 token of step `k` gets $A_k$. States past the cap `vine_max_steps` are back-filled with the reward-to-go (advantage 0),
 exactly as the official code; this is `compute_segment_gae(gamma=1, lam=0)`. States skipped by a boundary stride
 (`vine_boundary_stride > 1`) are linearly interpolated before (`interpolate_state_values`).
@@ -28,6 +31,8 @@ Notation: `N` completions, `T` tokens, `G` group size, `K` rollouts per state, `
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -120,6 +125,46 @@ def interpolate_state_values(
                 w = (pos - left[0]) / (right[0] - left[0])
                 v[i][k] = (1 - w) * left[1] + w * right[1]
     return torch.tensor(v, dtype=values.dtype, device=values.device)
+
+
+def apply_truncation_penalty(
+    rewards: torch.Tensor,
+    completion_ids: Sequence[Sequence[int]],
+    max_completion_length: int,
+    eos_token_ids: Sequence[int],
+    truncation_penalty: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    The outcome VinePPO uses for each training completion: `truncation_penalty` for a completion that reached the
+    horizon `max_completion_length` without ending in EOS (the same rule and value as a truncated Monte-Carlo
+    continuation, `trl_credit.generation.rollouts`), the reward otherwise. Unscorable rows (`NaN`) stay `NaN`.
+
+    Args:
+        rewards (`torch.Tensor` of shape `(N,)`): the reward functions' weighted sum, `NaN` = unscorable.
+        completion_ids (`Sequence[Sequence[int]]`, length `N`): real tokens of each completion (EOS included).
+        max_completion_length (`int`): the training horizon.
+        eos_token_ids (`Sequence[int]`): token ids that end a completion.
+        truncation_penalty (`float`, *optional*, defaults to `0.0`): `vine_truncation_penalty`.
+
+    Returns:
+        `(outcomes (N,), truncated (N,) bool)`, outcomes in the dtype of `rewards`.
+
+    Example:
+    ```python
+    >>> apply_truncation_penalty(torch.tensor([1.0, 1.0, float("nan")]), [[5, 2], [5, 6, 7], [5, 6, 7]], 3, [2])
+    (tensor([1., 0., nan]), tensor([False,  True,  True]))
+    ```
+    """
+    if len(completion_ids) != rewards.numel():
+        raise ValueError(f"Got {len(completion_ids)} completions for {rewards.numel()} rewards.")
+    eos = set(eos_token_ids)
+    truncated = torch.tensor(
+        [len(c) >= max_completion_length and (len(c) == 0 or c[-1] not in eos) for c in completion_ids],
+        dtype=torch.bool,
+        device=rewards.device,
+    )
+    penalty = torch.full_like(rewards, truncation_penalty)
+    return torch.where(truncated & ~torch.isnan(rewards), penalty, rewards), truncated
 
 
 def _whiten(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

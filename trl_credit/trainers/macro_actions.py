@@ -11,6 +11,7 @@ communication is needed.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -29,6 +30,14 @@ from ..credit.macro import (
 )
 from .hooks import CreditHooks
 
+
+logger = logging.getLogger(__name__)
+
+_PPL_SOURCES = {
+    "reference": "the reference model's log-probs (no extra forward pass)",
+    "sampling": "the sampling policy's log-probs computed by TRL (no extra forward pass)",
+    "policy_forward": "the sampling policy's log-probs (one no-grad forward pass; no reference model in this run)",
+}
 
 def token_texts(tokenizer) -> tuple[list[str], list[bool]]:
     """
@@ -113,22 +122,48 @@ class MacroActionMixin(CreditHooks):
                 logps, mask, boundary=args.macro_ppl_boundary, last_singleton=last, max_len=args.macro_action_max_len
             )
         if rule == "step":
+            estimator = getattr(self, "credit_estimator", None)
+            if estimator is not None and "mc_values" in estimator.credit_requires:
+                # For Monte-Carlo values "step" means exactly the native steps: a one-token last macro would add one
+                # state per completion (K more rollouts) and keeps no outcome apart from dense rewards (there are none).
+                last = False
             return boundary_segments(
                 self._macro_step_starts(ids, mask), mask, last_singleton=last, max_len=args.macro_action_max_len
             )
         raise ValueError(f"Unknown macro_action {rule!r}.")
 
     def _macro_logps(self, out: dict[str, Any], batch_fields: dict[str, Any]) -> torch.Tensor:
-        """Global `(N, T)` log-probs for the perplexity rule: the reference model's if available (official), else the
-        sampling policy's, computed with one no-grad forward pass when TRL did not already compute them."""
+        """
+        Global `(N, T)` log-probs for the perplexity rule: the reference model's when the trainer computes them anyway
+        (MA-RLHF's choice: TRL's `beta` term, PPO's `kl_coef` penalty), otherwise the sampling policy's (TRL's
+        `old_per_token_logps` / `sampling_per_token_logps`, or one no-grad forward of the policy, which on-policy is
+        the sampling policy). Logged as `credit/macro_ppl_reference` (1 = reference model, 0 = sampling policy).
+        """
+        logps, source = self._macro_logps_and_source(out, batch_fields)
+        self._metrics["train"]["credit/macro_ppl_reference"].append(1.0 if source == "reference" else 0.0)
+        logged = self.__dict__.setdefault("_macro_ppl_sources_logged", set())  # one log line per source and trainer
+        if source not in logged:
+            logged.add(source)
+            logger.info("macro_action='perplexity': per-token perplexity read from %s.", _PPL_SOURCES[source])
+        return logps
+
+    def _macro_logps_and_source(self, out: dict[str, Any], batch_fields: dict[str, Any]) -> tuple[torch.Tensor, str]:
         if batch_fields.get("ref_logps") is not None:
-            return batch_fields["ref_logps"]
-        for key in ("ref_per_token_logps", "old_per_token_logps"):
+            return batch_fields["ref_logps"], "reference"
+        ref = self._macro_reference_logps(out)
+        if ref is not None:
+            return self._gather_rows(ref.float().contiguous(), 0.0), "reference"
+        for key in ("old_per_token_logps", "sampling_per_token_logps"):
             if out.get(key) is not None:
-                return self._gather_rows(out[key].float().contiguous(), 0.0)
+                return self._gather_rows(out[key].float().contiguous(), 0.0), "sampling"
         if batch_fields.get("old_logps") is not None:
-            return batch_fields["old_logps"]
-        return self._gather_rows(self._policy_logps(out).contiguous(), 0.0)
+            return batch_fields["old_logps"], "sampling"
+        return self._gather_rows(self._policy_logps(out).contiguous(), 0.0), "policy_forward"
+
+    def _macro_reference_logps(self, out: dict[str, Any]) -> torch.Tensor | None:
+        """This rank's `(B, T)` reference log-probs if the trainer computes them for this batch anyway, else `None`
+        (TRL computes them for `beta != 0`; `PPOTrainer` for its `kl_coef` penalty)."""
+        return out.get("ref_per_token_logps")
 
     @torch.no_grad()
     def _policy_logps(self, out: dict[str, Any]) -> torch.Tensor:
@@ -161,7 +196,8 @@ class MacroActionMixin(CreditHooks):
                 seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False
             ),
             chunk_tokens=self.args.vine_chunk_tokens,
-            special_token_ids=frozenset(tokenizer.all_special_ids),
+            # The same special ids as VinePPO's own splitter, so that "step" gives exactly its steps.
+            special_token_ids=frozenset(tokenizer.all_special_ids) | frozenset(getattr(self, "eos_token_ids", ())),
         )
         self._metrics["train"]["credit/macro_step_split_failed"].append(failed / max(len(completions), 1))
         return [b[:-1] for b in boundaries]
