@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trl_credit.data import DEFAULT_SYSTEM_PROMPT, last_boxed_answer, load_math_dataset
+from trl_credit.data import DEFAULT_SYSTEM_PROMPT, HubDatasetError, last_boxed_answer, load_math_dataset
 from trl_credit.rewards import gsm8k_reward, math_reward
 
 
@@ -96,3 +96,26 @@ def test_errors_name_the_problem_and_the_fix(tmp_path, data_dir):
         load_math_dataset("gsm8k", source=bad)
     with pytest.raises(ValueError, match="must contain '\\{problem\\}'"):
         load_math_dataset("gsm8k", source=data_dir / "gsm8k", template="no placeholder")
+
+
+@pytest.mark.parametrize("limit, error", [(-1, ValueError), (0, ValueError), (-100, ValueError), (2.5, TypeError),
+                                          (True, TypeError), ("3", TypeError)])  # fmt: skip
+def test_limit_must_be_a_positive_integer(data_dir, limit, error):
+    # limit=-1 used to drop the last problem silently (rows[:-1]).
+    with pytest.raises(error, match="limit must be a positive integer"):
+        load_math_dataset("gsm8k", split="test", source=data_dir / "gsm8k", limit=limit)
+    assert len(load_math_dataset("gsm8k", split="test", source=data_dir / "gsm8k", limit=1)) == 1
+
+
+def test_hub_errors_say_how_to_load_offline_in_the_callers_terms(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(HubDatasetError, match=r"OfflineModeIsEnabled.*load_math_dataset\('gsm8k', split='test', "
+                       r"source='path/to/dir'\)") as info:  # fmt: skip
+        load_math_dataset("gsm8k", split="test")
+    assert "pass a local copy: --dataset_source path/to/dir" in str(info.value.fix("--dataset_source"))
+    assert isinstance(info.value, RuntimeError)  # what callers caught before

@@ -221,6 +221,102 @@ def test_replayed_completions_get_exactly_the_trainers_tempo_credit(tmp_path):
     torch.testing.assert_close(out["advantages"], expected.to(out["advantages"].dtype))
 
 
+# ── the command's arguments: checked before any work ──────────────────────────────────────────────────────────────
+def test_demo_refuses_settings_every_estimator_rejects_before_training_anything(tmp_path, capsys):
+    # --num-generations 1 used to train the starting policy for minutes, then skip every estimator and exit 0.
+    from trl_credit.cli import main
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    rc = main(["demo", "--num-generations", "1", "--cache-dir", str(cache), "--output-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "rejected by the estimators' configs (nothing was run)" in err
+    assert "grpo: ValueError: GRPO requires at least 2 generations" in err and "'num_generations': 1" in err
+    assert not cache.exists() and not (out / "report.md").exists()  # no starting policy, no empty report
+
+
+def test_demo_with_only_unavailable_estimators_exits_non_zero_before_training(tmp_path, capsys, monkeypatch):
+    from trl_credit.cli import main
+    from trl_credit.demo import rl
+
+    # A preset whose estimator this installation does not have: it fails even with the default settings.
+    monkeypatch.setitem(rl.PRESETS, "missing", rl.Preset("Missing", {"advantage_estimator": "no-such-estimator"}))
+    cache = tmp_path / "cache"
+    rc = main(["demo", "--estimators", "missing", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "out"),
+               "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 2 and "skipping missing (not available in this installation)" in captured.out
+    assert "none of the requested estimators can run" in captured.err and not cache.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--learning-rate", "inf"], "argument --learning-rate: expected a learning rate > 0 (a finite number)"),
+        (["--learning-rate", "0"], "argument --learning-rate: expected a learning rate > 0"),
+        (["--error-rate", "1"], "argument --error-rate: expected a probability in [0, 1)"),
+        (["--error-rate", "-0.1"], "argument --error-rate: expected a probability in [0, 1)"),
+        (["--seeds", "0"], "argument --seeds: expected an integer >= 1"),
+        (["--steps", "two"], "argument --steps: expected an integer >= 1"),
+        (["--threads", "0"], "argument --threads: expected an integer >= 1 or 'auto'"),
+        (["--threads", "many"], "argument --threads: expected an integer >= 1 or 'auto'"),
+        (["--estimators", ","], "argument --estimators: unknown or no estimator(s)"),
+        (["--estimators", "grpo,tempoo"], "unknown or no estimator(s) ['tempoo']"),
+    ],
+)
+def test_demo_refuses_bad_flags_with_one_line_naming_the_flag(tmp_path, capsys, flags, expected):
+    from trl_credit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *flags, "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("trl-credit demo: error: ") and expected in err.splitlines()[0]
+
+
+def test_demo_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
+    from trl_credit.cli import main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["demo", "--output-dir", str(tmp_path / "file"), "--cache-dir", str(tmp_path / "c")])
+    assert "argument --output-dir: cannot create" in capsys.readouterr().err
+
+
+# ── the plots ──────────────────────────────────────────────────────────────────────────────────────────────────────
+def _fake_results(seeds: int):
+    runs = [
+        {"seed": s, "step_times": [1.0] * 40, "credit": {},
+         "points": [{"step": k, "train_time_s": float(k), "accuracy": 0.6 + 0.005 * k + 0.01 * s,
+                     "step_error_rate": 0.1} for k in range(0, 41, 5)]}
+        for s in range(seeds)
+    ]  # fmt: skip
+    names = ("grpo", "tempo", "gigpo", "vineppo", "ppo", "tempo+rhythm")
+    return {
+        "settings": {"eval_samples": 1, "eval_problems": 128, "rl": {"temperature": 1.0}},
+        "estimators": {n: {"label": n.upper(), "runs": runs} for n in names},
+    }
+
+
+@pytest.mark.parametrize("x_key", ["step", "train_time_s"])
+def test_accuracy_plot_legend_sits_outside_the_axes_and_the_title_says_what_the_band_is(x_key):
+    import matplotlib.pyplot as plt
+
+    from trl_credit.demo.report import accuracy_figure
+
+    one = accuracy_figure(_fake_results(1), x_key)
+    title = one.axes[0].get_title()
+    assert "±" not in title and "one seed per estimator" in title  # used to claim "mean ± std over seeds"
+    one.canvas.draw()
+    [legend] = one.legends
+    assert one.axes[0].get_legend() is None
+    assert not legend.get_window_extent().overlaps(one.axes[0].get_window_extent())  # hides no data point
+    assert len(legend.get_texts()) == 6
+    three = accuracy_figure(_fake_results(3), x_key)
+    assert "mean ± std over 3 seeds" in three.axes[0].get_title()
+    plt.close(one)
+    plt.close(three)
+
+
 # ── the command, end to end ────────────────────────────────────────────────────────────────────────────────────────
 def _png_size(path):
     data = path.read_bytes()

@@ -160,3 +160,110 @@ def test_grpo_training_with_math_reward_on_local_gsm8k_and_the_eval_callback(tin
     eval_logs = [h for h in logs if "eval_gsm8k/pass@1" in h]
     assert [h["step"] for h in eval_logs] == [2]
     assert (tmp_path / "math_eval" / "step_2" / "samples.jsonl").read_text().count("\n") == 4
+
+
+# ── bad settings ───────────────────────────────────────────────────────────────────────────────────────────────────
+def _eval_cli_error(capsys, *args):
+    from trl_credit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", "/nonexistent/model", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl-credit eval: error: "), err[:300]  # the useful line first, no usage block
+    return err.splitlines()[0]
+
+
+def test_eval_cli_refuses_greedy_decoding_with_several_samples_naming_both_flags(capsys):
+    # Used to fail inside transformers' generate with a message naming neither flag.
+    line = _eval_cli_error(capsys, "--temperature", "0", "--num-samples", "4")
+    assert "--temperature 0 is greedy decoding" in line and "--num-samples 1" in line
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--temperature", "-0.5"], "argument --temperature: expected a temperature >= 0"),
+        (["--temperature", "nan"], "argument --temperature: expected a temperature >= 0 (a finite number)"),
+        (["--top-p", "0"], "argument --top-p: expected a probability in (0, 1]"),
+        (["--top-p", "1.2"], "argument --top-p: expected a probability in (0, 1]"),
+        (["--num-samples", "0"], "argument --num-samples: expected an integer >= 1"),
+        (["--max-new-tokens", "-1"], "argument --max-new-tokens: expected an integer >= 1"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+        (["--limit", "-1"], "argument --limit: expected an integer >= 1"),
+        (["--seed", "-3"], "argument --seed: expected an integer >= 0"),
+        (["--k", "0"], "argument --k: expected an integer >= 1"),
+        (["--k", "2", "32"], "--k values must be <= --num-samples (16)"),
+        (["--timeout", "inf"], "argument --timeout: expected a number of seconds in (0, 86400] (a finite number)"),
+        (["--timeout", "0"], "argument --timeout: expected a number of seconds in (0, 86400]"),
+        (["--dataset", "math500", "--split", "train"], "--split must be one of ['test'] for --dataset math500"),
+        (["--template", "no placeholder"], "--template must contain '{problem}'"),
+        (["--vllm-kv-cache-mib", "0"], "argument --vllm-kv-cache-mib: expected an integer >= 1"),
+        (["--vllm-gpu-memory-utilization", "1.5"], "argument --vllm-gpu-memory-utilization: expected a fraction"),
+    ],
+)
+def test_eval_cli_refuses_values_that_cannot_work_naming_the_flag(capsys, flags, expected):
+    assert expected in _eval_cli_error(capsys, *flags)
+
+
+def test_eval_help_shows_the_defaults(capsys):
+    from trl_credit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("completions per problem (n) (default: 16)", "(default: 0.6)", "(default: 1024)",
+                     "sampling seed (default: 0)", "(default: math500)", "(default: 5.0)", "(default: 64)"):  # fmt: skip
+        assert fragment in text, fragment
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0.0, "num_samples": 4}, "temperature 0 is greedy decoding.*num_samples is 4"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"batch_size": -1}, "batch_size must be an integer >= 1"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"k_values": [0, 2]}, r"k_values must be integers in \[1, num_samples=16\]"),
+        ({"limit": -1}, "limit must be a positive integer"),
+    ],
+)
+def test_evaluate_refuses_bad_settings_before_any_work(kwargs, message):
+    # The model path does not exist: the settings are checked before anything is loaded.
+    with pytest.raises(ValueError, match=message):
+        evaluate("/nonexistent/model", "gsm8k", **kwargs)
+
+
+def test_math_eval_callback_checks_its_settings_at_construction():
+    with pytest.raises(ValueError, match="temperature 0 is greedy decoding"):
+        MathEvalCallback(trainer=None, num_samples=4, temperature=0.0)
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        MathEvalCallback(trainer=None, limit=0)
+    with pytest.raises(TypeError, match=r"unknown evaluate\(\) arguments \['temprature'\]"):
+        MathEvalCallback(trainer=None, temprature=0.5)
+
+
+def test_eval_offline_without_source_points_at_the_source_flag(capsys, monkeypatch):
+    import datasets
+
+    from trl_credit.cli import main
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert main(["eval", "--model", "/nonexistent/model", "--dataset", "gsm8k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl-credit eval: error: Could not load 'gsm8k'") and "--source path/to/dir" in err
+    assert "load_math_dataset(" not in err
+
+
+def test_grading_shows_a_progress_bar_over_the_completions(tiny_model_dir, data_dir, capsys):
+    evaluate(tiny_model_dir, "gsm8k", source=data_dir / "gsm8k", limit=2, num_samples=2, max_new_tokens=4,
+             temperature=1.0, backend="transformers", progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "grading" in err and "4/4" in err and "completion" in err

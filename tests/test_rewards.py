@@ -19,6 +19,7 @@ from trl_credit.rewards import (
     math_verify_reward,
 )
 from trl_credit.rewards._pool import VerifierPool, _Pending
+from trl_credit.rewards.checks import check_reward_output, checked_reward_funcs
 
 
 # Slack over a deadline for scheduling on a loaded 2-core CI machine (the deadline itself is 1 s in these tests).
@@ -83,6 +84,50 @@ def test_gsm8k_reward_reads_gold_from_hashes_answer_lines_and_bare_numbers():
 )
 def test_gsm8k_reward_extracts_the_final_number(completion, correct):
     assert gsm8k_reward([completion], solution=["#### -12"]) == [float(correct)]
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "The answer is 52 - 40 = x",  # issue 16: was graded as 12
+        "The answer is 52 - 40",
+        "A: 52-40",
+        "#### 6*2",
+        "\\boxed{52 - 40}",
+        "The answer is $\\frac{24}{2}$",
+        "The answer is 24/2",
+        "A: 12 = 52 - 40",  # the statement ends in a calculation
+        "The answer is 12 + 0 = 12 + 0",
+        "so the total is 2 * (3 + 4) - 2",  # no anchor: the text ends in a calculation
+        "so the total is (3 + 4) * 2 - 2",
+        "The result is 6 \u00d7 2",
+        "The answer is 52 \u2212 40",  # Unicode minus
+        "The answer is 6 x 2",  # "x" as multiplication
+    ],
+)
+def test_gsm8k_reward_refuses_a_calculation_instead_of_a_number(completion):
+    reward = math_verify_reward("gsm8k")
+    [verdict] = reward.score([completion], ["#### 12"])
+    assert (verdict.reward, verdict.status, verdict.answer) == (0.0, "no_answer", None)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "A: 3 + 9 = 12",  # an equation that ends in the number: that number
+        "The answer is x = 12",
+        "6 x 2 = 12 eggs",
+        "The answer is 12 (since 52 - 40 = 12)",
+        "A: **12**",  # Markdown bold (was graded wrong)
+        "The answer is $12$.",
+        "\\boxed{\\$12}",
+        "\\boxed{12 \\text{ apples}}",
+        "A: 12%",
+        "The answer is 12\nWait, 52 - 40 is what I had",  # the anchored line is a number; later text is not graded
+    ],
+)
+def test_gsm8k_reward_accepts_a_number_however_it_is_dressed(completion):
+    assert gsm8k_reward([completion], solution=["12"]) == [1.0]
 
 
 def test_every_math500_gold_answer_verifies_against_its_own_reference_solution(data_dir):
@@ -162,6 +207,149 @@ def test_bad_extraction_presets_are_rejected():
         math_verify_reward("boxed")
     with pytest.raises(ValueError, match="timeout must be > 0"):
         math_verify_reward(timeout=0)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_timeouts_are_refused_because_a_reward_must_have_a_deadline(timeout):
+    # nan used to be accepted and grade every answer 0; inf crashed the first call with OverflowError.
+    with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+        math_verify_reward(timeout=timeout)
+    with VerifierPool("time:sleep", num_workers=1) as pool, pytest.raises(ValueError, match="finite"):
+        pool.map([(0.0,)], timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"timeout": None}, TypeError, "timeout must be a number of seconds"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number of seconds"),
+        ({"timeout": True}, TypeError, "timeout must be a number of seconds"),
+        ({"timeout": 10**6}, ValueError, "<= 86400 seconds"),  # epoll's timeout overflows at ~24 days
+        ({"num_workers": 0}, ValueError, "num_workers must be >= 1"),  # was silently the default
+        ({"num_workers": -2}, ValueError, "num_workers must be >= 1"),
+        ({"num_workers": 1.5}, TypeError, "num_workers must be an integer"),
+        ({"num_workers": True}, TypeError, "num_workers must be an integer"),
+        ({"max_memory_mb": -1}, ValueError, "max_memory_mb must be >= 0"),
+        ({"max_memory_mb": 512.5}, TypeError, "max_memory_mb must be an integer"),
+        ({"max_memory_mb": "4096"}, TypeError, "max_memory_mb must be an integer"),
+    ],
+)
+def test_bad_reward_settings_are_refused_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        math_verify_reward(**kwargs)
+
+
+def test_pool_refuses_zero_workers_and_negative_memory_limits():
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        VerifierPool("time:sleep", num_workers=0)
+    with pytest.raises(ValueError, match="max_memory_mb must be >= 0"):
+        VerifierPool("time:sleep", max_memory_mb=-5)
+
+
+def test_workers_out_of_memory_at_startup_name_max_memory_mb_not_the_installation():
+    # 40 MiB of address space is too little to import math-verify: the workers die while starting.
+    reward = math_verify_reward(max_memory_mb=40, num_workers=1)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"out of memory during start-up.*max_memory_mb=40") as info:
+        reward(["\\boxed{1}"], solution=["1"])
+    assert "can import trl_credit" not in str(info.value)
+    assert time.monotonic() - start < 60  # reported at the first failure, not after retries
+    assert math_verify_reward(max_memory_mb=0, num_workers=1)(["\\boxed{1}"], solution=["1"]) == [1.0]
+
+
+def test_score_reports_progress_as_completions_are_graded():
+    reward = math_verify_reward("math", num_workers=1)
+    done = []
+    verdicts = reward.score(["\\boxed{1}", "\\boxed{2}", "no answer"] * 5, ["1"] * 15, on_done=done.append)
+    assert len(verdicts) == 15 and sum(done) == 15 and all(n > 0 for n in done)
+
+
+# ── what reward functions return ───────────────────────────────────────────────────────────────────────────────────
+def test_reward_outputs_that_are_numbers_or_none_pass_through_as_floats():
+    import numpy as np
+    import torch
+
+    assert check_reward_output([1, 0.5, True, None], "r") == [1.0, 0.5, 1.0, None]
+    assert check_reward_output((np.float32(0.25), np.int64(2), np.bool_(False)), "r") == [0.25, 2.0, 0.0]
+    assert check_reward_output(torch.tensor([0.5, 1.0]), "r", num_completions=2) == [0.5, 1.0]
+    assert check_reward_output(np.array([1.0, 2.0]), "r") == [1.0, 2.0]
+    assert check_reward_output((x for x in [1.0]), "r") == [1.0]  # any finite iterable
+    assert check_reward_output([float("inf")], "r") == [float("inf")]  # non-finite: the trainer's rule, not this one
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        (["1.0", "0.0"], r"'my_reward' returned str '1.0' for completion 0 \(a number written as a string: convert"),
+        ([1.0, "correct"], r"'my_reward' returned str 'correct' for completion 1; a reward function must return one "),
+        ([1.0, [0.5]], r"returned list \[0.5\] for completion 1"),
+        ([1j], r"returned complex 1j for completion 0"),
+        ([{"score": 1}], r"returned dict \{'score': 1\} for completion 0"),
+        (None, r"'my_reward' returned NoneType None instead of a list"),
+        (1.0, r"returned float 1.0 instead of a list"),
+        ("1.0", r"returned str '1.0' instead of a list"),
+        ([[1.0, 0.0]], r"returned list \[1.0, 0.0\] for completion 0"),
+    ],
+)
+def test_reward_outputs_that_are_not_numbers_name_the_function_the_completion_and_the_value(output, message):
+    with pytest.raises(TypeError, match=message):
+        check_reward_output(output, "my_reward")
+
+
+def test_reward_output_arrays_must_be_one_dimensional_and_one_per_completion():
+    import numpy as np
+    import torch
+
+    with pytest.raises(TypeError, match=r"array of shape \(2, 1\)"):
+        check_reward_output(torch.zeros(2, 1), "r")
+    with pytest.raises(TypeError, match=r"array of shape \(\)"):
+        check_reward_output(np.array(1.0), "r")
+    with pytest.raises(ValueError, match="'r' returned 1 rewards for 2 completions"):
+        check_reward_output([1.0], "r", num_completions=2)
+    with pytest.raises(TypeError, match=r"returned str_ np.str_\('a'\) for completion 0"):
+        check_reward_output(np.array(["a"]), "r")
+
+
+def test_checked_wrappers_keep_sync_async_and_reward_models_apart():
+    import asyncio
+
+    import torch
+    from trl.trainer.utils import is_async_callable
+
+    def sync_reward(completions, **kwargs):
+        return ["1"] * len(completions)
+
+    async def async_reward(completions, **kwargs):
+        return ["1"] * len(completions)
+
+    model = torch.nn.Linear(1, 1)
+    checked = checked_reward_funcs([sync_reward, async_reward, model], ["sync_reward", "async_reward", "model"])
+    assert checked[2] is model  # TRL reads a reward model's logits itself
+    assert not is_async_callable(checked[0]) and is_async_callable(checked[1])  # TRL dispatches on this
+    with pytest.raises(TypeError, match="'sync_reward' returned str '1' for completion 0"):
+        checked[0](completions=["a"])
+    with pytest.raises(TypeError, match="'async_reward' returned str '1' for completion 0"):
+        asyncio.run(checked[1](completions=["a"]))
+
+
+@pytest.mark.slow
+def test_grpo_trainer_names_a_reward_function_that_returns_strings(tiny_model_dir, tmp_path):
+    # TRL alone fails inside torch.tensor with "too many dimensions 'str'", naming neither the function nor the value.
+    from trl_credit import GRPOConfig, GRPOTrainer
+    from trl_credit.testing import tiny_math_dataset
+
+    def string_reward(completions, **kwargs):
+        return ["1.0" for _ in completions]
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=4, report_to="none", use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=[format_reward, string_reward], args=args,
+                          train_dataset=tiny_math_dataset(4))  # fmt: skip
+    with pytest.raises(TypeError, match=r"'string_reward' returned str '1.0' for completion 0"):
+        trainer.train()
+    assert trainer.reward_funcs[1] is string_reward  # the wrappers exist only during the call
 
 
 # ── never hang, never crash ────────────────────────────────────────────────────────────────────────────────────────

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -81,7 +82,7 @@ def load_math_dataset(
             Chat-message prompts (instruct models, formatted with the tokenizer's chat template) or plain strings
             (base models).
         limit (`int`, *optional*):
-            Keep only the first `limit` problems.
+            Keep only the first `limit` problems (a positive integer; `None` keeps them all).
 
     Returns:
         `datasets.Dataset`: columns `prompt`, `problem`, `solution` (gold final answer), `reference_solution`, and
@@ -100,6 +101,7 @@ def load_math_dataset(
 
     if name not in DEFAULT_SOURCES:
         raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(DEFAULT_SOURCES)}.")
+    check_limit(limit)
     hub_id, hub_config, hub_splits, default_split = DEFAULT_SOURCES[name]
     split = split or default_split
     if split not in hub_splits:
@@ -133,6 +135,43 @@ def load_math_dataset(
     return Dataset.from_list(out)
 
 
+def check_limit(limit, name: str = "limit") -> None:
+    """`ValueError`/`TypeError` unless `limit` is `None` or an integer >= 1 (`name` is how the caller spells it)."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer (or None for every problem), got "
+                        f"{type(limit).__name__} {limit!r}.")  # fmt: skip
+    if limit < 1:
+        raise ValueError(
+            f"{name} must be a positive integer (the number of problems to keep), got {limit}; leave it unset (None) "
+            "to keep every problem."
+        )
+
+
+class HubDatasetError(RuntimeError):
+    """A named dataset could not be loaded from the Hugging Face Hub (offline, unknown id, network error).
+    `fix(option)` gives the same error with the remedy in a command's terms (`--dataset_source path/to/dir`)."""
+
+    def __init__(self, name: str, split: str, hub_id: str, cause: BaseException, option: str | None = None):
+        self.name, self.split, self.hub_id, self.cause, self.option = name, split, hub_id, cause, option
+        remedy = (
+            f"{option} path/to/dir" if option else f"load_math_dataset({name!r}, split={split!r}, source='path/to/dir')"
+        )
+        super().__init__(
+            f"Could not load {name!r} split {split!r} from the Hugging Face Hub dataset {hub_id!r} "
+            f"({type(cause).__name__}: {cause}). Offline, pass a local copy: {remedy} (a directory with {split}.jsonl, "
+            "or a JSONL file)."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.split, self.hub_id, self.cause, self.option))
+
+    def fix(self, option: str) -> HubDatasetError:
+        """This error with the remedy `option path/to/dir` (a command's flag such as `--dataset_source`)."""
+        return HubDatasetError(self.name, self.split, self.hub_id, self.cause, option)
+
+
 # ── sources ────────────────────────────────────────────────────────────────────────────────────────────────────────
 def _looks_local(source: str | os.PathLike) -> bool:
     text = str(source)
@@ -153,11 +192,7 @@ def _load_hub(hub_id: str, config: str | None, split: str, name: str) -> list[di
     try:
         dataset = load_dataset(hub_id, config, split=split) if config else load_dataset(hub_id, split=split)
     except Exception as e:
-        raise RuntimeError(
-            f"Could not load {name!r} split {split!r} from the Hugging Face Hub dataset {hub_id!r} "
-            f"({type(e).__name__}: {e}). Offline, pass a local copy: "
-            f"load_math_dataset({name!r}, split={split!r}, source='path/to/dir')."
-        ) from e
+        raise HubDatasetError(name, split, hub_id, e) from e
     return list(dataset)
 
 
@@ -264,3 +299,112 @@ def _normalize(name: str, row: dict, index: int, where: str) -> tuple[str, str, 
             )
     extra = {k: v for k, v in row.items() if k not in ("problem", "solution", "answer")}
     return str(row["problem"]), str(gold), reference, extra
+
+
+# ── generated word problems ────────────────────────────────────────────────────────────────────────────────────────
+_PEOPLE = (("Tom", "he", "his"), ("Anna", "she", "her"), ("Ben", "he", "his"), ("Lucy", "she", "her"),
+           ("Sam", "he", "his"), ("Mia", "she", "her"), ("Leo", "he", "his"), ("Emma", "she", "her"),
+           ("Jack", "he", "his"), ("Lily", "she", "her"), ("Max", "he", "his"), ("Zoe", "she", "her"))  # fmt: skip
+_ITEMS = ("pencils", "apples", "stickers", "marbles", "books", "cookies", "cards", "balloons", "shells", "stamps")
+
+
+def _word_problem(rng, max_operand: int, two_step: bool) -> tuple[str, str, int]:
+    """One `(question, GSM8K-style worked answer, final answer)`; every operand is in [1, max_operand]."""
+    (name, he, his), (friend, _, _) = rng.sample(_PEOPLE, 2)
+    it = rng.choice(_ITEMS)
+    He = he.capitalize()
+    r = lambda lo=1, hi=max_operand: rng.randint(lo, max(lo, hi))  # noqa: E731
+    if not two_step:
+        kind = rng.randrange(4)
+        if kind == 0:
+            a, b = r(), r(2)
+            q = f"{name} has {a} {it}. {He} buys {b} more {it}. How many {it} does {name} have now?"
+            return q, f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {it} now.", a + b
+        if kind == 1:
+            a = r(2)
+            b = r(1, a - 1)
+            q = f"{name} has {a} {it}. {He} gives {b} {it} to {friend}. How many {it} does {name} have left?"
+            return q, f"{name} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {it} left.", a - b
+        if kind == 2:
+            a, b = r(2, min(10, max_operand)), r(2, min(10, max_operand))
+            q = f"{name} buys {a} boxes of {it}. Each box has {b} {it}. How many {it} does {name} buy?"
+            return q, f"{name} buys {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.", a * b
+        a, b = r(2, min(10, max_operand)), r(2, min(10, max_operand))
+        q = f"{name} has {a * b} {it} and puts them into {a} equal groups. How many {it} are in each group?"
+        return q, f"Each group has {a * b} / {a} = <<{a * b}/{a}={b}>>{b} {it}.", b
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = r(), r()
+        c = r(1, a + b - 1)
+        q = (f"{name} has {a} {it}. {He} buys {b} more {it}, then gives {c} {it} to {friend}. "
+             f"How many {it} does {name} have now?")  # fmt: skip
+        s = f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {it} after buying.\n"
+        return q, s + f"Then {a + b} - {c} = <<{a + b}-{c}={a + b - c}>>{a + b - c} {it} are left.", a + b - c
+    if kind == 1:
+        a, b, c = r(2, min(10, max_operand)), r(2, min(10, max_operand)), r()
+        q = (f"{name} buys {a} packs of {it} with {b} {it} in each pack. {He} already had {c} {it}. "
+             f"How many {it} does {name} have now?")  # fmt: skip
+        s = f"{name} buys {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {it}.\n"
+        return q, s + f"{He} has {a * b} + {c} = <<{a * b}+{c}={a * b + c}>>{a * b + c} {it} now.", a * b + c
+    if kind == 2:
+        a, b = r(), r()
+        q = (f"{name} has {a} {it}. {friend} has {b} more {it} than {name}. "
+             f"How many {it} do {name} and {friend} have together?")  # fmt: skip
+        s = f"{friend} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {it}.\n"
+        return q, s + f"Together they have {a} + {a + b} = <<{a}+{a + b}={2 * a + b}>>{2 * a + b} {it}.", 2 * a + b
+    a = r(2)
+    b, c = r(1, a - 1), r(2, min(5, max_operand))
+    q = (f"{name} had {a} {it} and lost {b} of them. {friend} has {c} times as many {it} as {name} has now. "
+         f"How many {it} does {friend} have?")  # fmt: skip
+    s = f"{name} has {a} - {b} = <<{a}-{b}={a - b}>>{a - b} {it} now.\n"
+    return q, s + f"{friend} has {a - b} * {c} = <<{a - b}*{c}={(a - b) * c}>>{(a - b) * c} {it}.", (a - b) * c
+
+
+def word_problems(n: int, seed: int = 0, *, max_operand: int = 20, two_step_fraction: float = 0.5,
+                  exclude: set[str] | frozenset[str] = frozenset()) -> list[dict]:  # fmt: skip
+    """
+    `n` distinct generated one- and two-step word problems with small numbers, as GSM8K records (`question`, and an
+    `answer` with the worked solution and a final `#### N` line), for models too small for GSM8K itself:
+
+        Tom has 7 pencils. He buys 5 more pencils. How many pencils does Tom have now?
+
+    Eight templates (add, subtract, multiply, divide; add-then-subtract, multiply-then-add, "more than" then total,
+    subtract-then-multiply), operands in `[1, max_operand]`, answers non-negative integers. SmolLM2-135M-Instruct
+    answers ≈ 34 % of them greedily (≈ 70-token answers) and near none of GSM8K. Questions in `exclude` are skipped
+    (disjoint splits: see [`write_word_problems`]). Deterministic in `seed`.
+    """
+    import random
+
+    if n < 0 or max_operand < 2 or not 0.0 <= two_step_fraction <= 1.0:
+        raise ValueError(f"Need n >= 0, max_operand >= 2, 0 <= two_step_fraction <= 1; got {n}, {max_operand}, "
+                         f"{two_step_fraction}.")  # fmt: skip
+    rng = random.Random(seed)
+    seen, out = set(exclude), []
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            return out
+        question, worked, answer = _word_problem(rng, max_operand, rng.random() < two_step_fraction)
+        if question not in seen:
+            seen.add(question)
+            out.append({"question": question, "answer": f"{worked}\n#### {answer}"})
+    raise ValueError(f"Could not generate {n} distinct problems with max_operand={max_operand}; lower n.")
+
+
+def write_word_problems(directory: str | os.PathLike, splits: dict[str, int] | None = None, seed: int = 0,
+                        **kwargs) -> Path:  # fmt: skip
+    """
+    Write disjoint splits of [`word_problems`] as `<split>.jsonl` files in GSM8K's format and return the directory:
+    `load_math_dataset("gsm8k", "train", source=directory)`, `trl-credit train --dataset_name gsm8k --dataset_source
+    DIR` and `trl-credit eval --dataset gsm8k --source DIR` read them like GSM8K (other split names: pass the file,
+    `DIR/validation.jsonl`, as the source). Defaults: `{"train": 1000, "validation": 200, "test": 500}`.
+    """
+    splits = splits or {"train": 1000, "validation": 200, "test": 500}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for i, (split, n) in enumerate(splits.items()):
+        rows = word_problems(n, seed=seed * 1000 + i, exclude=used, **kwargs)
+        used.update(row["question"] for row in rows)
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return out

@@ -23,7 +23,9 @@ import importlib.util
 import json
 import logging
 import math
+import numbers
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -33,7 +35,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .data import DEFAULT_SYSTEM_PROMPT, load_math_dataset
+from .cli import ArgumentParser
+from .cli import number as _number
+from .data import DEFAULT_SYSTEM_PROMPT, HubDatasetError, check_limit, load_math_dataset
 from .rewards.math import MathVerifyReward
 
 
@@ -111,6 +115,39 @@ def compute_metrics(per_problem: list[list[dict]], k_values: Sequence[int]) -> d
     return metrics
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sampling(
+    *, num_samples, temperature, top_p, max_new_tokens, batch_size, seed, names: dict[str, str] | None = None
+) -> None:
+    """
+    `ValueError`/`TypeError` naming the problem for sampling settings that cannot work; `names` maps each parameter to
+    how the caller spells it (the CLI passes its flags: `{"temperature": "--temperature", ...}`).
+    """
+    n = {k: k for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "batch_size", "seed")}
+    n.update(names or {})
+    for key, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{n[key]} must be an integer >= 1, got {value!r}.")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"{n['seed']} must be an integer >= 0, got {seed!r}.")
+    for key, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{n[key]} must be a finite number, got {value!r}.")
+    if temperature < 0:
+        raise ValueError(f"{n['temperature']} must be >= 0 (0 is greedy decoding), got {temperature}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{n['top_p']} must be in (0, 1] (1 disables nucleus sampling), got {top_p}.")
+    if temperature == 0 and num_samples > 1:
+        raise ValueError(
+            f"{n['temperature']} 0 is greedy decoding, which gives the same completion every time, but "
+            f"{n['num_samples']} is {num_samples}: use {n['num_samples']} 1 with {n['temperature']} 0 (greedy "
+            f"accuracy), or a {n['temperature']} > 0 to sample {num_samples} different completions (pass@k, maj@n)."
+        )
+
+
 # ── generation backends ────────────────────────────────────────────────────────────────────────────────────────────
 def _vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
@@ -127,30 +164,39 @@ def _render_prompts(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
     return ids
 
 
+def _eval_max_model_len(model: str, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """The longest prompt plus the completion budget, at most the model's context: without it vLLM reserves the whole
+    context per sequence (8,192 tokens for SmolLM2), which a CPU KV cache may not hold (the engine refuses to start)."""
+    from transformers import AutoConfig
+
+    needed = max((len(ids) for ids in prompt_ids), default=0) + max_new_tokens
+    context = getattr(AutoConfig.from_pretrained(model).get_text_config(), "max_position_embeddings", None)
+    return min(needed, context) if context else needed
+
+
 def _generate_vllm(
     model: str, prompt_ids: list[list[int]], *, num_samples, temperature, top_p, max_new_tokens, seed, batch_size,
     progress, vllm_kwargs,
 ) -> tuple[list[list[str]], list[list[int]]]:  # fmt: skip
-    import torch
     import vllm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from .generation.vllm_cpu import is_vllm_cpu
+    from .generation.vllm_cpu import build_cpu_llm, is_vllm_cpu
 
-    kwargs: dict[str, Any] = {"model": model, "seed": seed}
+    kwargs: dict[str, Any] = {"model": model, "seed": seed, **(vllm_kwargs or {})}
+    if kwargs.get("max_model_len") is None:
+        kwargs["max_model_len"] = _eval_max_model_len(model, prompt_ids, max_new_tokens)
     if is_vllm_cpu():
-        # Same settings as trl_credit.generation.vllm_cpu.apply_colocate: fp32 as trained, no compilation (slow on few
-        # cores), a fixed KV cache instead of one sized from the machine's RAM; the engine in this process (no spawn, so
-        # scripts need no `__main__` guard).
-        kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 * 2**20)
+        # As trl_credit.generation.vllm_cpu.apply_colocate: fp32 as trained, no compilation (slow on few cores), a KV
+        # cache sized for one batch of completions, chunked prefill off (seeded requests crash vLLM-CPU 0.32 when
+        # prefilled in chunks); the engine in this process (no spawn, so scripts need no `__main__` guard).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    kwargs.update(vllm_kwargs or {})
-    # vLLM's in-process CPU worker replaces torch.set_num_threads with a no-op for the whole process; undo that.
-    set_num_threads = torch.set_num_threads
-    llm = vllm.LLM(**kwargs)
-    torch.set_num_threads = set_num_threads
+        seqs = max(num_samples, batch_size // num_samples * num_samples)
+        llm = build_cpu_llm(settings={"max_num_seqs": seqs}, **kwargs)
+    else:
+        llm = vllm.LLM(**kwargs)
     try:
         texts: list[list[str]] = []
         lengths: list[list[int]] = []
@@ -233,10 +279,10 @@ def _cut_at_eos(ids: list[int], eos_id, pad_id) -> list[int]:
     return ids
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str, unit: str = "problem"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="problem")
+    return tqdm(total=total, disable=not enabled, desc=desc, unit=unit)
 
 
 # ── evaluation ─────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -282,24 +328,25 @@ def evaluate(
         num_samples (`int`, *optional*, defaults to `16`):
             Completions per problem (n).
         temperature (`float`, *optional*, defaults to `0.6`):
-            Sampling temperature; `0` is greedy decoding (use `num_samples=1`).
+            Sampling temperature, >= 0; `0` is greedy decoding, which gives one completion per problem, so it needs
+            `num_samples=1` (refused otherwise: n copies of one completion make pass@k and maj@n meaningless).
         top_p (`float`, *optional*, defaults to `1.0`):
-            Nucleus sampling.
+            Nucleus sampling, in (0, 1].
         max_new_tokens (`int`, *optional*, defaults to `1024`):
-            Completion length limit.
+            Completion length limit, >= 1.
         k_values (`Sequence[int]`, *optional*):
             The k of pass@k. Defaults to 1, 2, 4, ... and `num_samples`.
         batch_size (`int`, *optional*, defaults to `64`):
             Completions generated per batch (at least one problem, i.e. `num_samples` completions).
         seed (`int`, *optional*, defaults to `0`):
-            vLLM: problem i is sampled with seed `seed + i`, whatever the batching. transformers: `set_seed(seed)`
-            once (samples then depend on `batch_size`).
+            A non-negative integer. vLLM: problem i is sampled with seed `seed + i`, whatever the batching.
+            transformers: `set_seed(seed)` once (samples then depend on `batch_size`).
         backend (`str`, *optional*, defaults to `"auto"`):
             `"vllm"`, `"transformers"`, or `"auto"`: vLLM when it is installed and `model` is a path.
         reward ([`~trl_credit.rewards.MathVerifyReward`] or `str`, *optional*):
             The grader, or a preset name (`"math"`, `"gsm8k"`). Defaults to `"gsm8k"` for GSM8K, else `"math"`.
         limit (`int`, *optional*):
-            Evaluate the first `limit` problems only.
+            Evaluate the first `limit` problems only (a positive integer).
         conversational (`bool`, *optional*, defaults to `True`):
             Chat prompts (formatted with the tokenizer's chat template) or plain-text prompts for base models.
         system_prompt (`str`, *optional*, defaults to `DEFAULT_SYSTEM_PROMPT`):
@@ -310,8 +357,10 @@ def evaluate(
         output_dir (`str` or `os.PathLike`, *optional*):
             Where to write `samples.jsonl` (one line per completion) and `metrics.json`. Nothing is written if `None`.
         vllm_kwargs (`dict`, *optional*):
-            Extra `vllm.LLM` arguments (e.g. `{"gpu_memory_utilization": 0.5, "max_model_len": 4096}`). On the CPU
-            build the defaults are `dtype="float32"`, `enforce_eager=True`, `kv_cache_memory_bytes=256 MiB`.
+            Extra `vllm.LLM` arguments (e.g. `{"gpu_memory_utilization": 0.5, "max_model_len": 4096}`).
+            `max_model_len` defaults to the longest prompt plus `max_new_tokens`. On the CPU build the defaults are
+            `dtype="float32"`, `enforce_eager=True`, chunked prefill off and a KV cache for `batch_size` completions
+            at `max_model_len` tokens (at most a quarter of the free memory; `VLLM_CPU_KVCACHE_SPACE` is respected).
         progress (`bool`, *optional*, defaults to `True`):
             Show tqdm progress bars.
 
@@ -321,13 +370,14 @@ def evaluate(
     """
     from datasets import Dataset
 
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    check_sampling(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, seed=seed)  # fmt: skip
     if backend not in ("auto", "vllm", "transformers"):
         raise ValueError(f"backend must be 'auto', 'vllm' or 'transformers', got {backend!r}.")
     k_values = sorted(set(k_values or default_k_values(num_samples)))
-    if k_values[0] < 1 or k_values[-1] > num_samples:
-        raise ValueError(f"k_values must lie in [1, num_samples={num_samples}], got {k_values}.")
+    if not all(_is_int(k) for k in k_values) or k_values[0] < 1 or k_values[-1] > num_samples:
+        raise ValueError(f"k_values must be integers in [1, num_samples={num_samples}], got {k_values}.")
+    check_limit(limit)
 
     # ── data and grader ──
     if isinstance(dataset, str):
@@ -336,12 +386,16 @@ def evaluate(
             name, split, source, template=template, system_prompt=system_prompt, conversational=conversational,
             limit=limit,
         )  # fmt: skip
+        if len(data) == 0:
+            raise ValueError(f"{name} ({split}) holds no problems.")
     elif isinstance(dataset, Dataset):
         name = "custom"
         data = dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
         missing = {"prompt", "solution"} - set(data.column_names)
         if missing:
             raise ValueError(f"The dataset lacks the column(s) {sorted(missing)} (it has {data.column_names}).")
+        if len(data) == 0:
+            raise ValueError("The dataset holds no problems.")
     else:
         raise TypeError(f"dataset must be a name or a datasets.Dataset, got {type(dataset).__name__}.")
     if reward is None or isinstance(reward, str):
@@ -382,7 +436,11 @@ def evaluate(
     # ── grading ──
     start = time.perf_counter()
     flat_golds = [g for g in golds for _ in range(num_samples)]
-    verdicts = reward.score([t for group in texts for t in group], flat_golds)
+    bar = _progress(len(flat_golds), progress, "grading", unit="completion")
+    try:
+        verdicts = reward.score([t for group in texts for t in group], flat_golds, on_done=bar.update)
+    finally:
+        bar.close()
     scoring_s = time.perf_counter() - start
     per_problem = []
     for i, (group, group_lengths) in enumerate(zip(texts, lengths, strict=True)):
@@ -470,6 +528,17 @@ class MathEvalCallback(TrainerCallback):
     ):
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}.")
+        # Bad settings fail here, not at the first evaluation after `eval_steps` training steps.
+        import inspect
+
+        defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
+        sampling = {k: evaluate_kwargs.get(k, defaults[k]) for k in ("temperature", "top_p", "max_new_tokens",
+                                                                      "batch_size", "seed")}  # fmt: skip
+        check_sampling(num_samples=num_samples, **sampling)
+        check_limit(limit)
+        unknown = sorted(set(evaluate_kwargs) - set(defaults))
+        if unknown:
+            raise TypeError(f"MathEvalCallback got unknown evaluate() arguments {unknown}.")
         self.trainer = trainer
         self.dataset = dataset
         self.eval_steps = eval_steps
@@ -501,39 +570,88 @@ class MathEvalCallback(TrainerCallback):
 
 
 # ── command line ───────────────────────────────────────────────────────────────────────────────────────────────────
+PROG = "trl-credit eval"
+
+
+_POSITIVE_INT = _number(int, 1, what="an integer >= 1")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="trl-credit eval",
-        description="Sample completions on GSM8K / MATH / MATH-500 and report pass@1, pass@k and maj@n.",
+    from .rewards._pool import MAX_TIMEOUT_S
+
+    p = ArgumentParser(
+        prog=PROG, description="Sample completions on GSM8K / MATH / MATH-500 and report pass@1, pass@k and maj@n."
     )
     p.add_argument("--model", required=True, help="model directory or Hub id")
-    p.add_argument("--dataset", default="math500", choices=sorted(_PRESET_OF_DATASET))
-    p.add_argument("--split", default="test")
-    p.add_argument("--source", default=None, help="Hub id or local JSONL file/directory (default: the Hub dataset)")
-    p.add_argument("--num-samples", type=int, default=16, help="completions per problem (n)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--k", type=int, nargs="+", default=None, help="k of pass@k (default: 1 2 4 ... n)")
-    p.add_argument("--batch-size", type=int, default=64, help="completions generated per batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--dataset", default="math500", choices=sorted(_PRESET_OF_DATASET), help="benchmark")
+    p.add_argument("--split", default="test", help="dataset split (gsm8k and math: train or test; math500: test)")
+    p.add_argument("--source", default=None,
+                   help="Hub id or local JSONL file/directory (default: the Hub dataset); offline, point it at a "
+                        "local copy such as ../shared/data/gsm8k")  # fmt: skip
+    p.add_argument("--num-samples", type=_POSITIVE_INT, default=16, help="completions per problem (n)")
+    p.add_argument("--temperature", type=_number(float, 0.0, what="a temperature >= 0"), default=0.6,
+                   help="sampling temperature; 0 is greedy decoding and needs --num-samples 1")  # fmt: skip
+    p.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True, what="a probability in (0, 1]"),
+                   default=1.0, help="nucleus sampling (1 disables it)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=_POSITIVE_INT, default=1024, help="completion length limit")
+    p.add_argument("--k", type=_POSITIVE_INT, nargs="+", default=None,
+                   help="k of pass@k, each <= --num-samples (default: 1 2 4 ... n)")  # fmt: skip
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=64, help="completions generated per batch")
+    p.add_argument("--seed", type=_number(int, 0, what="an integer >= 0"), default=0, help="sampling seed")
+    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"],
+                   help="generation backend (auto: vLLM when installed)")  # fmt: skip
+    p.add_argument("--limit", type=_POSITIVE_INT, default=None, help="evaluate the first N problems only")
     p.add_argument("--plain-prompts", action="store_true", help="plain-text prompts for base models (no chat template)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system message ('' for none)")
     p.add_argument("--template", default=None, help="prompt template with a {problem} placeholder")
-    p.add_argument("--timeout", type=float, default=5.0, help="grading deadline per completion, seconds")
+    p.add_argument("--timeout", type=_number(float, 0.0, MAX_TIMEOUT_S, low_open=True,
+                                            what=f"a number of seconds in (0, {MAX_TIMEOUT_S:.0f}]"),
+                   default=5.0, help="grading deadline per completion, seconds")  # fmt: skip
     p.add_argument("--output-dir", default=None,
                    help="where samples.jsonl and metrics.json go (default: eval/<model name>_<dataset>)")
-    p.add_argument("--vllm-max-model-len", type=int, default=None)
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--vllm-kv-cache-mib", type=int, default=None, help="KV cache size (CPU build default: 256)")
+    p.add_argument("--vllm-max-model-len", type=_POSITIVE_INT, default=None,
+                   help="vLLM max_model_len (default: the longest prompt + --max-new-tokens)")  # fmt: skip
+    p.add_argument("--vllm-gpu-memory-utilization", default=None,
+                   type=_number(float, 0.0, 1.0, low_open=True, what="a fraction in (0, 1]"),
+                   help="vLLM gpu_memory_utilization (GPU only)")  # fmt: skip
+    p.add_argument("--vllm-kv-cache-mib", type=_POSITIVE_INT, default=None,
+                   help="KV cache in MiB (CPU build default: --batch-size completions at full length)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+_FLAGS = {"num_samples": "--num-samples", "temperature": "--temperature", "top_p": "--top-p",
+          "max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size", "seed": "--seed"}  # fmt: skip
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with the checks that involve several flags (`--temperature 0` with `--num-samples 4`...)."""
+    from .data import DEFAULT_SOURCES
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        check_sampling(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, names=_FLAGS)
+    except ValueError as e:  # fmt: skip
+        parser.error(str(e))
+    if args.k is not None and max(args.k) > args.num_samples:
+        parser.error(f"--k values must be <= --num-samples ({args.num_samples}), got {sorted(set(args.k))}.")
+    splits = sorted(DEFAULT_SOURCES[args.dataset][2])
+    if args.split not in splits:
+        parser.error(f"--split must be one of {splits} for --dataset {args.dataset}, got {args.split!r}.")
+    if args.template is not None and "{problem}" not in args.template:
+        parser.error(f"--template must contain '{{problem}}' where the question goes, got {args.template!r}.")
+    if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir} exists and is not a directory.")
+    return args
+
+
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    from .cli import quiet_tested_vllm_warning
+
+    quiet_tested_vllm_warning()
+    args = parse_args(argv)
     vllm_kwargs: dict[str, Any] = {}
     if args.vllm_max_model_len is not None:
         vllm_kwargs["max_model_len"] = args.vllm_max_model_len
@@ -542,14 +660,21 @@ def main(argv: list[str]) -> int:
     if args.vllm_kv_cache_mib is not None:
         vllm_kwargs["kv_cache_memory_bytes"] = args.vllm_kv_cache_mib * 2**20
     output_dir = args.output_dir or Path("eval") / f"{Path(args.model.rstrip('/')).name}_{args.dataset}"
-    result = evaluate(
-        args.model, args.dataset, split=args.split, source=args.source, num_samples=args.num_samples,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, k_values=args.k,
-        batch_size=args.batch_size, seed=args.seed, backend=args.backend,
-        reward=MathVerifyReward(_PRESET_OF_DATASET[args.dataset], timeout=args.timeout), limit=args.limit,
-        conversational=not args.plain_prompts, system_prompt=args.system_prompt or None, template=args.template,
-        output_dir=output_dir, vllm_kwargs=vllm_kwargs, progress=not args.no_progress,
-    )  # fmt: skip
+    try:
+        result = evaluate(
+            args.model, args.dataset, split=args.split, source=args.source, num_samples=args.num_samples,
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, k_values=args.k,
+            batch_size=args.batch_size, seed=args.seed, backend=args.backend,
+            reward=MathVerifyReward(_PRESET_OF_DATASET[args.dataset], timeout=args.timeout), limit=args.limit,
+            conversational=not args.plain_prompts, system_prompt=args.system_prompt or None, template=args.template,
+            output_dir=output_dir, vllm_kwargs=vllm_kwargs, progress=not args.no_progress,
+        )  # fmt: skip
+    except HubDatasetError as e:  # the remedy in this command's terms
+        print(f"{PROG}: error: {e.fix('--source')}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # a --source that does not exist, a split file missing from a local directory
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.model} on {args.dataset} ({args.split}), {args.num_samples} samples per problem, "
           f"temperature {args.temperature}")  # fmt: skip
     print(format_metrics(result.metrics))

@@ -2,7 +2,7 @@ r"""
 `trl-credit demo`: where each credit-assignment estimator puts credit, and how fast it learns, on any CPU in minutes.
 
     trl-credit demo                   # 3 seeds; ~11 min on 2 CPU cores, the starting policy's 2 min included
-    trl-credit demo --quick           # 1 seed, 24 steps; ~2 min once the starting policy is cached
+    trl-credit demo --quick           # 1 seed, 24 steps; 2-4.5 min, 1.2-2.1 min once the starting policy is cached
     trl-credit demo --output-dir DIR  # default: demo_output/
 
 Steps (nothing is downloaded):
@@ -59,25 +59,35 @@ def _parser() -> argparse.ArgumentParser:
     from .rl import PRESETS, RLSettings
     from .sft import SFTSettings
 
+    from ..cli import ArgumentParser, number
+
     rl, sft = RLSettings(), SFTSettings()
-    p = argparse.ArgumentParser(
+    positive = number(int, 1, what="an integer >= 1")
+    p = ArgumentParser(
         prog="trl-credit demo",
         description="Train a tiny policy with every credit-assignment estimator on an embedded task and show where "
         "each puts credit and how fast it learns (CPU, no downloads).",
     )
-    p.add_argument("--quick", action="store_true", help="1 seed, 24 steps, 128 evaluation problems (~2-4 min).")
-    p.add_argument("--seeds", type=int, default=None, help="Seeds per estimator (default 3; 1 with --quick).")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, 24 steps, 128 evaluation problems: 2-4.5 min on 2 cores, 1.2-2.1 min once the "
+                        "starting policy is cached (docs/demo.md: what the time depends on).")  # fmt: skip
+    p.add_argument("--seeds", type=positive, default=None, help="Seeds per estimator (default 3; 1 with --quick).")
     p.add_argument("--output-dir", default="demo_output", help="Where the report, plots and maps go.")
     p.add_argument("--estimators", default=",".join(PRESETS),
                    help=f"Comma-separated subset of: {', '.join(PRESETS)} (default: all).")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default 40; 24 with --quick).")
-    p.add_argument("--eval-every", type=int, default=None, help="Evaluate every k steps (default 5; 4 with --quick).")
-    p.add_argument("--eval-problems", type=int, default=None, help="Evaluation problems (default 256; 128 --quick).")
-    p.add_argument("--learning-rate", type=float, default=rl.learning_rate, help="RL learning rate (AdamW, constant).")
-    p.add_argument("--num-generations", type=int, default=rl.num_generations, help="Group size G.")
-    p.add_argument("--prompts-per-step", type=int, default=rl.prompts_per_step, help="Prompts per optimizer step.")
-    p.add_argument("--sft-steps", type=int, default=sft.steps, help="SFT steps of the starting policy.")
-    p.add_argument("--error-rate", type=float, default=sft.error_rate,
+    p.add_argument("--steps", type=positive, default=None, help="RL steps per run (default 40; 24 with --quick).")
+    p.add_argument("--eval-every", type=positive, default=None,
+                   help="Evaluate every k steps (default 5; 4 with --quick).")  # fmt: skip
+    p.add_argument("--eval-problems", type=positive, default=None,
+                   help="Evaluation problems (default 256; 128 with --quick).")  # fmt: skip
+    p.add_argument("--learning-rate", type=number(float, 0.0, low_open=True, what="a learning rate > 0"),
+                   default=rl.learning_rate, help="RL learning rate (AdamW, constant).")  # fmt: skip
+    p.add_argument("--num-generations", type=positive, default=rl.num_generations,
+                   help="Group size G (at least 2: the estimators compare a group's completions).")  # fmt: skip
+    p.add_argument("--prompts-per-step", type=positive, default=rl.prompts_per_step,
+                   help="Prompts per optimizer step.")  # fmt: skip
+    p.add_argument("--sft-steps", type=positive, default=sft.steps, help="SFT steps of the starting policy.")
+    p.add_argument("--error-rate", type=number(float, 0.0, what="a probability in [0, 1)"), default=sft.error_rate,
                    help="Probability that a demonstration's addition is wrong (the starting slip rate).")  # fmt: skip
     p.add_argument("--cache-dir", default=None,
                    help="Where the starting policy is cached (default: $XDG_CACHE_HOME/trl_credit/demo).")  # fmt: skip
@@ -89,12 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _threads(value: str) -> int:
+def _threads(value: str) -> int | None:
+    """The torch thread count of `--threads`, or `None` when `value` is neither `auto` nor an integer >= 1."""
     if value != "auto":
-        n = int(value)
-        if n < 1:
-            raise SystemExit(f"--threads must be >= 1 or 'auto', got {value}.")
-        return n
+        try:
+            n = int(value)
+        except ValueError:
+            return None
+        return n if n >= 1 else None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # torch's OpenMP threads spin-wait on each other: on a busy machine two threads run several times slower than one.
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -139,8 +151,15 @@ def _cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `trl-credit demo`; returns the exit status (1 if a run failed; the report is still written)."""
-    args = _parser().parse_args(argv)
+    """
+    Entry point of `trl-credit demo`; returns the exit status: 2 when the arguments or an estimator's config are
+    rejected (checked before any training), 1 if a run failed (the report is still written), else 0.
+    """
+    from ..cli import quiet_tested_vllm_warning
+
+    quiet_tested_vllm_warning()
+    parser = _parser()
+    args = parser.parse_args(argv)
     _quiet_environment()
     import torch
 
@@ -149,21 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     from .task import ChainSpec
 
     threads = _threads(args.threads)
-    torch.set_num_threads(threads)
+    if threads is None:
+        parser.error(f"argument --threads: expected an integer >= 1 or 'auto', got {args.threads!r}")
     mode_name = "quick" if args.quick else "default"
     mode = MODES[mode_name]
-    names = [n.strip() for n in args.estimators.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in args.estimators.split(",") if n.strip()))
     unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        raise SystemExit(f"Unknown estimator(s) {unknown}; choose from {list(PRESETS)}.")
-    for flag in ("seeds", "steps", "eval_every", "eval_problems", "sft_steps", "num_generations", "prompts_per_step"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
-    if not 0.0 <= args.error_rate < 1.0:
-        raise SystemExit(f"--error-rate must be in [0, 1), got {args.error_rate}.")
-    if not args.learning_rate > 0:
-        raise SystemExit(f"--learning-rate must be > 0, got {args.learning_rate}.")
+    if unknown or not names:
+        parser.error(f"argument --estimators: unknown or no estimator(s) {unknown}; choose from {list(PRESETS)}.")
+    if not args.error_rate < 1.0:
+        parser.error(f"argument --error-rate: expected a probability in [0, 1), got {args.error_rate}")
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --output-dir: cannot create {output_dir} ({e.strerror or e})")
+    torch.set_num_threads(threads)
     spec = ChainSpec()
     sft = SFTSettings(spec=spec, steps=args.sft_steps, error_rate=args.error_rate)
     rl = RLSettings(
@@ -176,14 +196,31 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else Path(
         os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
     ) / "trl_credit" / "demo"  # fmt: skip
+    # Every estimator's config, built with these settings before any work (the starting policy alone takes minutes).
+    max_len = spec.max_completion_chars + 1  # + EOS
+    runs = _tune_settings(rl) if args.tune else [rl]
+    runnable, unavailable, rejected = _check_presets(names, runs, max_len)
+    if rejected:
+        print("trl-credit demo: error: these settings are rejected by the estimators' configs (nothing was run):",
+              file=sys.stderr)  # fmt: skip
+        for name, why in rejected.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        print("Change the settings, or leave those estimators out with --estimators.", file=sys.stderr)
+        return 2
+    for name, why in unavailable.items():
+        print(f"skipping {name} (not available in this installation): {why}")
+    if not runnable:
+        print("trl-credit demo: error: none of the requested estimators can run in this installation (see above); "
+              "nothing was run.", file=sys.stderr)  # fmt: skip
+        return 2
     context = dict(
-        mode=mode_name, spec=spec, sft=sft, rl=rl, names=names, seeds=args.seeds or mode.seeds,
+        mode=mode_name, spec=spec, sft=sft, rl=rl, names=runnable, seeds=args.seeds or mode.seeds,
         eval_problems=args.eval_problems or mode.eval_problems, cache=cache, threads=threads,
-        progress=not args.no_progress, output_dir=Path(args.output_dir),
+        progress=not args.no_progress, output_dir=output_dir,
     )  # fmt: skip
     if args.tune:
         return _tune(**context)
-    return _demo(**context)
+    return _demo(**context, requested=names, unavailable=unavailable)
 
 
 # ── the demo ───────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -199,21 +236,39 @@ def _start_policy(sft, cache: Path, progress: bool):
     return path, info, load_tokenizer(path), AutoModelForCausalLM.from_pretrained(path)
 
 
-def _check_presets(names, rl, max_len: int) -> tuple[list[str], dict[str, str]]:
-    from .rl import PRESETS, build_config
+def _check_presets(names, settings: list, max_len: int) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """
+    Build every preset's config with every `RLSettings` of `settings`: `(runnable, unavailable, rejected)`.
+    `unavailable`: the preset cannot be built even with the default settings (an estimator or trainer this
+    installation lacks); `rejected`: the given settings are what its config refuses (e.g. `--num-generations 1`).
+    """
+    from .rl import PRESETS, RLSettings, build_config
 
-    ok, unavailable = [], {}
+    ok, unavailable, rejected = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+
+        def error(preset, rl) -> str | None:
             try:
-                build_config(PRESETS[name], rl, output_dir=tmp, seed=0, max_completion_length=max_len)
+                build_config(preset, rl, output_dir=tmp, seed=0, max_completion_length=max_len)
+            except Exception as e:  # noqa: BLE001 - reported verbatim
+                return f"{type(e).__name__}: {e}"
+            return None
+
+        for name in names:
+            problems = [(rl, why) for rl in settings if (why := error(PRESETS[name], rl)) is not None]
+            if not problems:
                 ok.append(name)
-            except Exception as e:  # noqa: BLE001 - any failure means "not usable in this install", reported verbatim
-                unavailable[name] = f"{type(e).__name__}: {e}"
-    return ok, unavailable
+            elif (default_error := error(PRESETS[name], RLSettings())) is not None:
+                unavailable[name] = default_error
+            else:
+                rl, why = problems[0]
+                changed = {k: v for k, v in asdict(rl).items() if v != getattr(RLSettings(), k)}
+                rejected[name] = f"{why} (settings that differ from the defaults: {changed})"
+    return ok, unavailable, rejected
 
 
-def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, progress, output_dir) -> int:
+def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, progress, output_dir, requested=None,
+          unavailable=None) -> int:  # fmt: skip
     from tqdm.auto import tqdm
 
     from . import report
@@ -224,6 +279,7 @@ def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, p
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     output_dir.mkdir(parents=True, exist_ok=True)
     max_len = spec.max_completion_chars + 1  # + EOS
+    runnable, unavailable = list(names), dict(unavailable or {})
     splits = make_splits(spec, NUM_TRAIN, NUM_VALIDATION, eval_problems, seed=SPLIT_SEED)
 
     # ── starting policy ──
@@ -237,10 +293,7 @@ def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, p
                        temperature=rl.temperature, max_new_tokens=max_len, seed=PROBE_SEED)  # fmt: skip
     del model
 
-    # ── RL with every estimator ──
-    runnable, unavailable = _check_presets(names, rl, max_len)
-    for name, why in unavailable.items():
-        print(f"skipping {name}: {why}")
+    # ── RL with every estimator (their configs were checked before the starting policy) ──
     estimators: dict[str, dict[str, Any]] = {
         name: {"label": PRESETS[name].label, "description": PRESETS[name].description,
                "config": PRESETS[name].config, "runs": [], "probe": None}
@@ -292,7 +345,7 @@ def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, p
         "settings": {
             "mode": mode, "seeds": seeds, "spec": asdict(spec), "sft": {**asdict(sft), "spec": asdict(spec)},
             "rl": asdict(rl), "eval_problems": eval_problems, "eval_samples": 1, "num_train": NUM_TRAIN,
-            "num_validation": NUM_VALIDATION, "estimators": names,
+            "num_validation": NUM_VALIDATION, "estimators": list(requested or names),
         },
         "start": start,
         "sft": {k: v for k, v in sft_info.items() if k != "settings"},
@@ -323,11 +376,24 @@ def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, p
     machine = results["machine"]
     print(f"\nwall time {results['wall_time_s'] / 60:.1f} min (CPU time {machine['cpu_time_s'] / 60:.1f} min, load "
           f"average {load_start:.1f} → {machine['load_end']:.1f}); report: {path}")  # fmt: skip
+    if not any(info["runs"] for info in estimators.values()):
+        print("trl-credit demo: error: no estimator finished a run (see the failures above and in the report).",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 1 if failed else 0
 
 
 # ── the validation sweep ───────────────────────────────────────────────────────────────────────────────────────────
 TUNE_GRID = {"learning_rate": (1e-4, 3e-4, 1e-3), "num_generations": (4, 8)}
+
+
+def _tune_settings(rl) -> list:
+    """The sweep's settings: learning rate × group size at the same number of completions per step."""
+    completions_per_step = rl.prompts_per_step * rl.num_generations
+    return [
+        replace(rl, learning_rate=lr, num_generations=g, prompts_per_step=max(1, completions_per_step // g))
+        for lr in TUNE_GRID["learning_rate"] for g in TUNE_GRID["num_generations"]
+    ]  # fmt: skip
 
 
 def _tune(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, progress, output_dir) -> int:
@@ -346,12 +412,12 @@ def _tune(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, p
     start = evaluator(model)
     start_point = EvalPoint(0, 0.0, start["accuracy"], start["step_error_rate"])
     completions_per_step = rl.prompts_per_step * rl.num_generations
-    grid = [(lr, g) for lr in TUNE_GRID["learning_rate"] for g in TUNE_GRID["num_generations"]]
+    grid = _tune_settings(rl)
     rows = []
     bar = tqdm(total=len(grid) * len(names) * seeds * rl.steps, desc="tune", disable=not progress, unit="step")
     with tempfile.TemporaryDirectory() as tmp:
-        for lr, g in grid:
-            settings = replace(rl, learning_rate=lr, num_generations=g, prompts_per_step=completions_per_step // g)
+        for settings in grid:
+            lr, g = settings.learning_rate, settings.num_generations
             for name in names:
                 summaries = []
                 for seed in range(seeds):

@@ -93,13 +93,27 @@ def _curves(runs: list[dict], x_key: str) -> tuple[list[float], list[float], lis
     return xs, means, stds
 
 
-def plot_accuracy(results: dict[str, Any], path: str | Path, x_key: str) -> Path:
+def accuracy_title(results: dict[str, Any]) -> str:
+    """The accuracy plots' title: what was evaluated, and what the line and band are (no "± std" for one seed)."""
+    samples = results["settings"]["eval_samples"]
+    what = (f"held-out accuracy ({results['settings']['eval_problems']} problems × {samples} "
+            f"sample{'s' if samples > 1 else ''})")  # fmt: skip
+    seeds = sorted({len(info["runs"]) for info in results["estimators"].values() if info["runs"]})
+    if not seeds or seeds == [1]:
+        return f"{what}; one seed per estimator, no spread shown"
+    if len(seeds) == 1:
+        return f"{what}; mean ± std over {seeds[0]} seeds"
+    return f"{what}; mean ± std over seeds (n per estimator in the legend)"
+
+
+def accuracy_figure(results: dict[str, Any], x_key: str):
+    """The accuracy curves as a matplotlib figure, the legend outside the axes so that it hides no point."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(9.5, 4.6), layout="constrained")
     for i, (name, info) in enumerate(results["estimators"].items()):
         runs = info["runs"]
         if not runs:
@@ -114,12 +128,17 @@ def plot_accuracy(results: dict[str, Any], path: str | Path, x_key: str) -> Path
             ax.fill_between(xs, lo, hi, color=color, alpha=0.12, linewidth=0)
     ax.set_xlabel("optimizer step" if x_key == "step" else "training wall time (s, evaluation excluded)")
     ax.set_ylabel(f"accuracy at T = {results['settings']['rl']['temperature']:g} (%)")
-    samples = results["settings"]["eval_samples"]
-    ax.set_title(f"held-out accuracy ({results['settings']['eval_problems']} problems × {samples} "
-                 f"sample{'s' if samples > 1 else ''}); mean ± std over seeds", fontsize=10)  # fmt: skip
+    ax.set_title(accuracy_title(results), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(fontsize=8, loc="outside right upper")
+    return fig
+
+
+def plot_accuracy(results: dict[str, Any], path: str | Path, x_key: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(results, x_key)
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,8 @@ they copy a parent that holds CUDA, vLLM and tokenizer threads. Here each worker
 from __future__ import annotations
 
 import atexit
+import math
+import numbers
 import os
 import subprocess
 import sys
@@ -24,15 +26,61 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 
+# How a worker's start-up report begins when it ran out of memory (see _worker.py).
+_OUT_OF_MEMORY = "out of memory"
 # Items sent ahead to a busy worker: hides the pipe round trip without starving the other workers.
 _PREFETCH = 2
+# The longest deadline accepted: the pool waits with `multiprocessing.connection.wait`, whose epoll timeout overflows
+# past about 24 days, and a deadline of a day per completion is already no deadline for a reward.
+MAX_TIMEOUT_S = 86400.0
+
+
+def check_timeout(timeout) -> float:
+    """`timeout` as a float, or `ValueError`/`TypeError` naming the problem: a finite number of seconds in
+    (0, `MAX_TIMEOUT_S`]. `None`, `inf` and `nan` are refused: a reward without a deadline can hang training."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__} {timeout!r}.")
+    timeout = float(timeout)
+    if not math.isfinite(timeout):
+        raise ValueError(
+            f"timeout must be a finite number of seconds, got {timeout}: every completion needs a deadline, or one "
+            f"stuck parse could hang training. Give a generous finite value instead (at most {MAX_TIMEOUT_S:.0f})."
+        )
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout must be > 0 and <= {MAX_TIMEOUT_S:.0f} seconds, got {timeout}.")
+    return timeout
+
+
+def check_num_workers(num_workers) -> int | None:
+    """`num_workers` (`None` = the default) or `ValueError`/`TypeError`: an integer >= 1."""
+    if num_workers is None:
+        return None
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral):
+        raise TypeError(f"num_workers must be an integer >= 1 or None, got {type(num_workers).__name__} "
+                        f"{num_workers!r}.")  # fmt: skip
+    if num_workers < 1:
+        raise ValueError(
+            f"num_workers must be >= 1 (or None for half the CPU cores), got {num_workers}: verification always runs "
+            "in worker processes, which is what enforces the deadline."
+        )
+    return int(num_workers)
+
+
+def check_max_memory_mb(max_memory_mb) -> int:
+    """`max_memory_mb` or `ValueError`/`TypeError`: an integer >= 0 (`0` disables the limit)."""
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, numbers.Integral):
+        raise TypeError(f"max_memory_mb must be an integer (MiB; 0 disables the limit), got "
+                        f"{type(max_memory_mb).__name__} {max_memory_mb!r}.")  # fmt: skip
+    if max_memory_mb < 0:
+        raise ValueError(f"max_memory_mb must be >= 0 (MiB; 0 disables the limit), got {max_memory_mb}.")
+    return int(max_memory_mb)
 
 
 def default_num_workers() -> int:
@@ -49,7 +97,7 @@ def default_num_workers() -> int:
 
 
 class _Worker:
-    __slots__ = ("proc", "inbox", "outbox", "ready", "inflight", "head_start", "last_key")
+    __slots__ = ("proc", "inbox", "outbox", "ready", "inflight", "head_start", "last_key", "startup_error")
 
     def __init__(self, proc: subprocess.Popen, inbox: Connection, outbox: Connection):
         self.proc = proc
@@ -59,6 +107,7 @@ class _Worker:
         self.inflight: deque[tuple[int, int]] = deque()  # (task_id, item index), in the worker's processing order
         self.head_start = 0.0  # when the worker started the first in-flight item
         self.last_key: Hashable = None  # key of the last item sent (its caches are warm for it)
+        self.startup_error: str | None = None  # what the worker reported before exiting during start-up
 
 
 class _Pending:
@@ -117,11 +166,10 @@ class VerifierPool:
         start_timeout: float = 120.0,
         soft_deadline: bool = True,
     ):
-        if num_workers is not None and num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+        num_workers = check_num_workers(num_workers)
         self.target = target
-        self.num_workers = num_workers or default_num_workers()
-        self.max_memory_mb = max_memory_mb
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.max_memory_mb = check_max_memory_mb(max_memory_mb)
         self.start_timeout = start_timeout
         self.soft_deadline = soft_deadline
         self.stats = {"timeouts": 0, "errors": 0, "restarts": 0}
@@ -138,7 +186,11 @@ class VerifierPool:
 
     # ── public API ─────────────────────────────────────────────────────────────────────────────────────────────────
     def map(
-        self, args_list: Sequence[tuple], timeout: float, keys: Sequence[Hashable] | None = None
+        self,
+        args_list: Sequence[tuple],
+        timeout: float,
+        keys: Sequence[Hashable] | None = None,
+        on_done: Callable[[int], None] | None = None,
     ) -> list[tuple[str, Any]]:
         """
         Run `target(*args)` for every `args` of `args_list`, at most `timeout` seconds each (wall clock, from the moment
@@ -147,11 +199,12 @@ class VerifierPool:
 
         `keys` (one per item, optional) groups items that share work a worker caches, e.g. the gold answer of a GRPO
         group: a worker is given items of the key it last had, and idle workers take keys no other worker is on.
+        `on_done(n)` (optional) is called from the calling thread each time `n` more items are finished (a progress
+        bar's `update`).
         """
         if keys is not None and len(keys) != len(args_list):
             raise ValueError(f"{len(keys)} keys for {len(args_list)} items.")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}.")
+        timeout = check_timeout(timeout)
         if os.getpid() != self._pid:
             raise RuntimeError("This VerifierPool belongs to the parent process; create a new one after fork().")
         if self._closed:
@@ -160,7 +213,8 @@ class VerifierPool:
             return []
         with self._lock:
             try:
-                return self._map(list(args_list), timeout, list(keys) if keys is not None else [None] * len(args_list))
+                keys = list(keys) if keys is not None else [None] * len(args_list)
+                return self._map(list(args_list), timeout, keys, on_done)
             except BaseException:
                 # Interrupted (KeyboardInterrupt...): in-flight answers would reach the next call; start clean.
                 for worker in list(self._workers):
@@ -180,10 +234,11 @@ class VerifierPool:
         self.close()
 
     # ── internals ──────────────────────────────────────────────────────────────────────────────────────────────────
-    def _map(self, args_list: list[tuple], timeout: float, keys: list) -> list[tuple[str, Any]]:
+    def _map(self, args_list: list[tuple], timeout: float, keys: list, on_done=None) -> list[tuple[str, Any]]:
         results: list[tuple[str, Any] | None] = [None] * len(args_list)
         pending = _Pending(keys)
         remaining = len(args_list)
+        reported = 0
         # Let the worker's own SIGALRM end Python-level overruns just before the hard kill, which costs a restart.
         soft_timeout = max(0.9 * timeout, timeout - 0.25) if self.soft_deadline else 0.0
         self._fill()
@@ -230,6 +285,9 @@ class VerifierPool:
                         worker.ready = True
                         self._startup_failures = 0
                         continue
+                    if task_id == "startup_error":
+                        worker.startup_error = value
+                        continue
                     if not worker.inflight or worker.inflight[0][0] != task_id:
                         continue  # cannot happen (a worker with in-flight items is replaced on error); guard anyway
                     _, index = worker.inflight.popleft()
@@ -246,6 +304,9 @@ class VerifierPool:
                     remaining -= self._fail(worker, results, pending, "timeout", None)
             if any(w.ready for w in self._workers):
                 waiting_since = now
+            if on_done is not None and len(args_list) - remaining > reported:
+                on_done(len(args_list) - remaining - reported)
+                reported = len(args_list) - remaining
         return results  # type: ignore[return-value]
 
     def _fail(self, worker: _Worker, results, pending: _Pending, status: str, value) -> int:
@@ -253,13 +314,11 @@ class VerifierPool:
         of items scored (0 for an idle worker)."""
         if not worker.ready:
             self._startup_failures += 1
-            if self._startup_failures >= 3:
+            out_of_memory = worker.startup_error is not None and worker.startup_error.startswith(_OUT_OF_MEMORY)
+            if out_of_memory or self._startup_failures >= 3:
                 code = worker.proc.wait()
-                raise RuntimeError(
-                    f"Verification workers exit during start-up (exit code {code}; their traceback is on stderr). "
-                    f"Check that `{sys.executable} -m trl_credit.rewards._worker` can import trl_credit and "
-                    "math-verify."
-                )
+                self._replace(worker, restart=False)
+                raise RuntimeError(self._startup_message(code, worker.startup_error))
         scored = 0
         if worker.inflight:
             _, index = worker.inflight.popleft()
@@ -272,6 +331,25 @@ class VerifierPool:
         self._replace(worker)
         return scored
 
+    def _startup_message(self, code: int, error: str | None) -> str:
+        if error is not None and error.startswith(_OUT_OF_MEMORY) and self.max_memory_mb > 0:
+            return (
+                f"Verification workers run out of memory during start-up ({error[len(_OUT_OF_MEMORY) + 2 :]}): "
+                f"max_memory_mb="
+                f"{self.max_memory_mb} MiB of address space is too little to import math-verify and its "
+                "dependencies (about 70 MiB on Linux x86-64 with Python 3.11, more with other builds). Raise "
+                "max_memory_mb (default 4096) or pass 0 to disable the limit."
+            )
+        reported = f": {error}" if error else "; their traceback is on stderr"
+        hint = (
+            f" If the address-space limit is the cause, raise max_memory_mb (now {self.max_memory_mb} MiB; 0 disables "
+            "it)." if self.max_memory_mb > 0 else ""
+        )  # fmt: skip
+        return (
+            f"Verification workers exit during start-up (exit code {code}{reported}). Check that `{sys.executable} "
+            f"-m trl_credit.rewards._worker` can import trl_credit and math-verify.{hint}"
+        )
+
     def _fill(self) -> None:
         for worker in list(self._workers):
             if worker.proc.poll() is not None and not worker.inflight:
@@ -279,11 +357,11 @@ class VerifierPool:
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawner.submit(self._start_worker).result())
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, restart: bool = True) -> None:
         self._workers.remove(worker)
         _kill(worker)
         self.stats["restarts"] += 1
-        if not self._closed:
+        if restart and not self._closed:
             self._workers.append(self._spawner.submit(self._start_worker).result())
 
     def _start_worker(self) -> _Worker:
@@ -355,7 +433,9 @@ _POOLS_LOCK = threading.Lock()
 
 def get_pool(target: str, num_workers: int | None = None, max_memory_mb: int = 4096) -> VerifierPool:
     """The process-wide pool for these settings, created on first use (a forked child gets its own)."""
-    key = (target, num_workers or default_num_workers(), max_memory_mb, os.getpid())
+    num_workers = check_num_workers(num_workers)
+    key = (target, default_num_workers() if num_workers is None else num_workers, check_max_memory_mb(max_memory_mb),
+           os.getpid())  # fmt: skip
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None or pool._closed:

@@ -2,10 +2,11 @@
 
     python -m trl_credit.rewards._worker IN_FD OUT_FD TARGET PARENT_PID MAX_MEMORY_MB
 
-Runs the target module's `_worker_init()` if it has one, says `("ready", pid, None)`, then receives
-`(task_id, soft_timeout_s, args)` on `IN_FD` (`soft_timeout_s == 0`: no soft deadline), calls `TARGET(*args)`
-(`"module:function"`) and answers `(task_id, status, value)` on `OUT_FD` with status `"ok"`, `"timeout"` or
-`"error"`. `None` or end of file stops it.
+Runs the target module's `_worker_init()` if it has one, says `("ready", pid, None)` (or `("startup_error", pid,
+message)` before exiting if the start-up fails; the message starts with "out of memory" when the address-space limit
+was hit), then receives `(task_id, soft_timeout_s, args)` on `IN_FD` (`soft_timeout_s == 0`: no soft deadline), calls
+`TARGET(*args)` (`"module:function"`) and answers `(task_id, status, value)` on `OUT_FD` with status `"ok"`,
+`"timeout"` or `"error"`. `None` or end of file stops it.
 
 The soft deadline (`SIGALRM`, this process's main thread) ends items stuck in Python code and keeps the process; items
 stuck in C code (a huge integer power in sympy) never see it, and the parent kills the process at the hard deadline.
@@ -14,6 +15,7 @@ stuck in C code (a huge integer power in sympy) never see it, and the parent kil
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib
 import logging
 import os
@@ -45,6 +47,15 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+def _start(target: str):
+    module_name, func_name = target.split(":")
+    module = importlib.import_module(module_name)
+    func = getattr(module, func_name)
+    if hasattr(module, "_worker_init"):  # warm caches (compiled regexes...) before the first deadline starts
+        module._worker_init()
+    return func
+
+
 def main(argv: list[str]) -> None:
     in_fd, out_fd, target, parent_pid, max_memory_mb = int(argv[0]), int(argv[1]), argv[2], int(argv[3]), int(argv[4])
     _die_with_parent(parent_pid)
@@ -55,11 +66,20 @@ def main(argv: list[str]) -> None:
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     inbox, outbox = Connection(in_fd, writable=False), Connection(out_fd, readable=False)
-    module_name, func_name = target.split(":")
-    module = importlib.import_module(module_name)
-    func = getattr(module, func_name)
-    if hasattr(module, "_worker_init"):  # warm caches (compiled regexes...) before the first deadline starts
-        module._worker_init()
+    try:
+        func = _start(target)
+    except BaseException as e:
+        # Tell the parent why before dying: under a small `max_memory_mb` the imports themselves fail, and the parent
+        # must name that limit rather than the installation. "out of memory" starts the report in that case.
+        out_of_memory = isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
+        report = f"{'out of memory: ' if out_of_memory else ''}{type(e).__name__}{f': {e}' if str(e) else ''}"
+        try:
+            outbox.send(("startup_error", os.getpid(), report[:300]))
+        except Exception:  # noqa: BLE001 - the exit status still tells the parent
+            pass
+        if out_of_memory:
+            sys.exit(3)  # the parent's message says it all; a traceback of the failed import would only confuse
+        raise
     signal.signal(signal.SIGALRM, _raise_deadline)
     outbox.send(("ready", os.getpid(), None))
     while True:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ..data import last_boxed_answer
-from ._pool import get_pool
+from ._pool import check_max_memory_mb, check_num_workers, check_timeout, get_pool
 
 
 logger = logging.getLogger(__name__)
@@ -143,28 +143,77 @@ def _parse_gold(spec: _Spec, gold: str) -> tuple[list, str | None]:
     return parsed, _answer_string(parsed)
 
 
-def _parse_gsm8k_prediction(text: str) -> list:
+# A GSM8K answer is a number. A "chain" is numbers joined by arithmetic operators or "=" on one line: "18",
+# "52 - 40", "3 + 9 = 12", "2 x 0.5 = 1.0". Its answer is its last side when that side is a lone number ("3 + 9 = 12"
+# gives 12); an expression ("52 - 40"), a chain ending in "=" ("52 - 40 = x") or a number that is an operand of a
+# longer expression ("2 * (3 + 4)") is no answer: a policy must not learn to state a calculation instead of a result.
+_NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
+_OPERATOR = r"(?:[-+*/^×÷·]|(?<=[\d \t])[xX](?=[ \t\d.]))"  # "x" only as multiplication between numbers
+_CHAIN = re.compile(rf"-?{_NUMBER}(?:[ \t]*(?:{_OPERATOR}|=)[ \t]*-?{_NUMBER})*")
+_LONE_NUMBER = re.compile(rf"-?{_NUMBER}")
+_DANGLING = re.compile(rf"[ \t]*(?:=|{_OPERATOR}[ \t]*[(\d.])")  # after a chain: "= x", "* (3 + 4)"
+_OPERAND_BEFORE = re.compile(rf"[)\d.][ \t]*{_OPERATOR}[ \t]*\(?[ \t]*$")  # before a chain: "(3 + 4) * "
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)[ \t]*\{([^{}]*)\}")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac[ \t]*\{([^{}]*)\}[ \t]*\{([^{}]*)\}")
+_PLAIN = (
+    ("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("\\left", ""), ("\\right", ""), ("\\%", "%"), ("\\$", ""),
+    ("$", ""), ("{,}", ""), ("\\,", ""), ("\\!", ""), ("\\;", " "), ("\\(", " "), ("\\)", " "), ("\\[", " "),
+    ("\\]", " "), ("**", ""), ("\u2212", "-"),
+)  # fmt: skip
+_NOT_A_NUMBER = "expression"  # what `_gsm8k_number` returns for an answer that is a calculation, not a number
+
+
+def _plain_math(text: str) -> str:
+    """LaTeX and Markdown dressing removed, so that `$\\frac{24}{2}$` reads `24/2` and `**$1,080**` reads `1080`."""
+    text = _LATEX_TEXT.sub(r" \1 ", text)
+    text = _LATEX_FRAC.sub(r"\1/\2", text)
+    for old, new in _PLAIN:
+        text = text.replace(old, new)
+    return _THOUSANDS.sub("", text)
+
+
+def _chain_answer(text: str, match: re.Match) -> str:
+    """The lone number a chain ends with, or `_NOT_A_NUMBER`."""
+    if _DANGLING.match(text, match.end()) or _OPERAND_BEFORE.search(text, 0, match.start()):
+        return _NOT_A_NUMBER
+    last = match.group().rsplit("=", 1)[-1].strip()
+    return last if _LONE_NUMBER.fullmatch(last) else _NOT_A_NUMBER
+
+
+def _gsm8k_number(text: str) -> str | None:
+    """The answer of the first chain of `text`: a number string, `_NOT_A_NUMBER`, or `None` (no number at all)."""
+    text = _plain_math(text)
+    match = _CHAIN.search(text)
+    return None if match is None else _chain_answer(text, match)
+
+
+def _parse_gsm8k_prediction(text: str) -> list | str:
+    """math-verify's parse of the completion's final number, `[]` if it has none, `_NOT_A_NUMBER` if its final answer
+    is a calculation. Boxed answer first, else the first chain after the last anchor ("####", an "A:" line, "The
+    answer is"), else math-verify's pick (an "answer 18" it recognizes, else the last expression of the text)."""
     from math_verify import parse
 
-    configs = _configs()
-    text = _THOUSANDS.sub("", _CALCULATOR.sub("", text).replace("\\$", "$"))
-    if "\\boxed" in text:
-        parsed = parse(text, extraction_config=configs["pred"], extraction_mode="first_match", parsing_timeout=None)
-        if parsed:
-            return parsed
-    anchors = list(_GSM8K_ANCHOR.finditer(text))
-    if anchors:
-        tail = text[anchors[-1].end() :].lstrip()
-        line = tail.split("\n", 1)[0]
-        # math-verify's "final answer is X" pattern takes the first number after the anchor: "A: 18 dollars for 2 days"
-        # is 18, not 2.
-        parsed = parse(
-            f"The final answer is {line}", extraction_config=configs["pred"], extraction_mode="first_match",
-            parsing_timeout=None,
-        )  # fmt: skip
-        if parsed:
-            return parsed
-    return parse(text, extraction_config=configs["number"], parsing_timeout=None)  # the last number
+    text = _THOUSANDS.sub("", _CALCULATOR.sub("", text))
+    number = None
+    if "\\boxed" in text or "\\fbox" in text:
+        boxed = last_boxed_answer(text)
+        if boxed is not None:
+            number = _gsm8k_number(boxed)
+    if number is None:
+        anchors = list(_GSM8K_ANCHOR.finditer(text))
+        if anchors:
+            # The first number after the anchor: "A: 18 dollars for 2 days" is 18, not 2.
+            number = _gsm8k_number(text[anchors[-1].end() :].lstrip().split("\n", 1)[0])
+    if number is None:
+        # math-verify's own choice ("answer 18 ..." first, else the last expression), which must be a lone number.
+        parsed = parse(text, extraction_config=_configs()["number"], parsing_timeout=None)
+        answer = _answer_string(parsed) if parsed else None
+        if answer is None:
+            return []
+        return parsed if _LONE_NUMBER.fullmatch(_plain_math(answer).strip()) else _NOT_A_NUMBER
+    if number == _NOT_A_NUMBER:
+        return _NOT_A_NUMBER
+    return parse(number, extraction_config=_configs()["number"], parsing_timeout=None)
 
 
 _VERIFIED: dict[tuple, bool] = {}
@@ -187,6 +236,8 @@ def _score(spec: _Spec, gold: str, text: str) -> tuple[str, float | None, str | 
         return "gold_unparseable", None, None, None
     if spec.preset == "gsm8k":
         parsed = _parse_gsm8k_prediction(text)
+        if parsed == _NOT_A_NUMBER:
+            return "no_answer", 0.0, None, gold_str
     else:
         parsed = parse(
             text, extraction_config=spec.extraction or _configs()["pred"], extraction_mode=spec.extraction_mode,
@@ -246,13 +297,11 @@ class MathVerifyReward:
             self._spec = _Spec(None, configs, _tuple_or_none(gold_extraction), extraction_mode)
         if extraction_mode not in ("first_match", "any_match"):
             raise ValueError(f"extraction_mode must be 'first_match' or 'any_match', got {extraction_mode!r}.")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}.")
         self.extraction = extraction
         self.gold_column = gold_column
-        self.timeout = float(timeout)
-        self.num_workers = num_workers
-        self.max_memory_mb = max_memory_mb
+        self.timeout = check_timeout(timeout)
+        self.num_workers = check_num_workers(num_workers)
+        self.max_memory_mb = check_max_memory_mb(max_memory_mb)
         self.__name__ = name or (f"{extraction}_reward" if isinstance(extraction, str) else "math_verify_reward")
         self.counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
@@ -272,8 +321,11 @@ class MathVerifyReward:
     def __repr__(self) -> str:
         return f"MathVerifyReward(name={self.__name__!r}, extraction={self.extraction!r}, timeout={self.timeout})"
 
-    def score(self, completions: Sequence[Any], golds: Sequence[Any]) -> list[Verdict]:
-        """A [`Verdict`] per completion (strings or chat messages) against its gold answer (any string form)."""
+    def score(
+        self, completions: Sequence[Any], golds: Sequence[Any], on_done: Callable[[int], None] | None = None
+    ) -> list[Verdict]:
+        """A [`Verdict`] per completion (strings or chat messages) against its gold answer (any string form).
+        `on_done(n)` is called as `n` more completions are graded (e.g. a tqdm bar's `update`)."""
         if len(completions) != len(golds):
             raise ValueError(f"{self.__name__}: {len(completions)} completions but {len(golds)} gold answers.")
         pool = get_pool(_TARGET, self.num_workers, self.max_memory_mb)
@@ -282,7 +334,7 @@ class MathVerifyReward:
             for c, g in zip(completions, golds, strict=True)
         ]
         verdicts = []
-        for status, value in pool.map(items, timeout=self.timeout):
+        for status, value in pool.map(items, timeout=self.timeout, on_done=on_done):
             if status == "ok":
                 verdict_status, reward, answer, gold = value
                 verdicts.append(Verdict(reward, verdict_status, answer, gold))
@@ -377,8 +429,9 @@ def math_verify_reward(
             How answers are found in completions. `"math"`: boxed answer first, then LaTeX or numbers after an answer
             anchor ("The final answer is $x$"), as [`math_reward`]. `"gsm8k"`: calculator annotations and thousands
             separators removed, then a boxed answer, else the number after the last `####`, `A:` line or "answer
-            is", else the last number, as [`gsm8k_reward`]. Or any sequence of `math_verify.LatexExtractionConfig` /
-            `ExprExtractionConfig` / `StringExtractionConfig`, passed to `math_verify.parse`.
+            is", else the last number; a calculation instead of a number is no answer, as [`gsm8k_reward`]. Or any
+            sequence of `math_verify.LatexExtractionConfig` / `ExprExtractionConfig` / `StringExtractionConfig`,
+            passed to `math_verify.parse`.
         gold_extraction (sequence of math-verify extraction configs, *optional*):
             How gold answers are parsed. Defaults to LaTeX (boxed first) then plain expressions. A gold answer without
             `\boxed` is wrapped in one first; a GSM8K reference solution is cut after its `####`.
@@ -388,13 +441,15 @@ def math_verify_reward(
             Dataset column holding the gold answers. Defaults to `solution`, else `answer`.
         timeout (`float`, *optional*, defaults to `5.0`):
             Hard wall-clock deadline in seconds for one completion (gold parsing, answer parsing and verification).
-            A completion over it scores 0 and is counted as a timeout.
+            A completion over it scores 0 and is counted as a timeout. Must be finite, in (0, 86400]: `None`, `inf`
+            and `nan` are refused, since a reward without a deadline can hang training.
         num_workers (`int`, *optional*):
-            Verification processes (shared by all rewards with the same setting). Defaults to half the usable CPU
-            cores, at least 1 and at most 8.
+            Verification processes (shared by all rewards with the same setting), at least 1. Defaults to half the
+            usable CPU cores, at least 1 and at most 8.
         max_memory_mb (`int`, *optional*, defaults to `4096`):
-            Address-space limit of each verification process; a completion over it scores 0 (`"error"`). `0`
-            disables the limit.
+            Address-space limit of each verification process in MiB; a completion over it scores 0 (`"error"`). `0`
+            disables the limit; negative values are refused. A limit too small for the workers to import math-verify
+            (about 70 MiB on Linux x86-64) fails the first call with an error that says so.
         name (`str`, *optional*):
             The function's `__name__`, used by TRL in metric names (`rewards/<name>/mean`). Defaults to
             `"<extraction>_reward"` for presets, else `"math_verify_reward"`.
@@ -483,9 +538,11 @@ def gsm8k_reward(
 
     Gold: the text after the last `####` of a GSM8K reference solution (the `answer` column of `openai/gsm8k`), an
     `A: 18` line, or a bare answer (`"1,600"`; `solution` column of [`~trl_credit.data.load_math_dataset`]).
-    Prediction: calculator annotations (`<<48/2=24>>`) and thousands separators removed, then the `\boxed{}` answer,
-    else the first number after the last `####`, `A:` line, or "The answer is", else the last number of the text.
-    Negative numbers, decimals and currency signs are handled by math-verify.
+    Prediction: calculator annotations (`<<48/2=24>>`), thousands separators, currency signs, LaTeX and Markdown
+    dressing removed, then the `\boxed{}` answer, else the first number after the last `####`, `A:` line, or "The
+    answer is", else the last number of the text. The answer must be a number (negative and decimal numbers, units
+    and percent signs are fine): a calculation (`52 - 40`, `\frac{24}{2}`, `52 - 40 = x`) is no answer (0.0), while an
+    equation that ends in a number (`3 + 9 = 12`) counts as that number.
 
     Args:
         completions (`list[str]` or `list[list[dict[str, str]]]`):
