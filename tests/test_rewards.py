@@ -264,6 +264,22 @@ def test_score_reports_progress_as_completions_are_graded():
     assert len(verdicts) == 15 and sum(done) == 15 and all(n > 0 for n in done)
 
 
+
+def test_score_sends_a_groups_completions_keyed_by_their_gold_answer(monkeypatch):
+    """docs/rewards.md detail 6: items are keyed by gold so a worker reuses the gold it parsed (real pool, spied)."""
+    seen = []
+    original = VerifierPool.map
+
+    def spy(self, args_list, *args, keys=None, **kwargs):
+        seen.append(keys)
+        return original(self, args_list, *args, keys=keys, **kwargs)
+
+    monkeypatch.setattr(VerifierPool, "map", spy)
+    reward = math_verify_reward("math", num_workers=2)
+    verdicts = reward.score(["\\boxed{1}", "\\boxed{2}", "\\boxed{2}", "x"], ["1", "1", "2", None])
+    assert seen == [["1", "1", "2", ""]]
+    assert [v.reward for v in verdicts] == [1.0, 0.0, 1.0, None]  # no gold: unscorable
+
 # ── what reward functions return ───────────────────────────────────────────────────────────────────────────────────
 def test_reward_outputs_that_are_numbers_or_none_pass_through_as_floats():
     import numpy as np

@@ -334,7 +334,10 @@ class MathVerifyReward:
             for c, g in zip(completions, golds, strict=True)
         ]
         verdicts = []
-        for status, value in pool.map(items, timeout=self.timeout, on_done=on_done):
+        # Keyed by gold answer: a group's completions go to the worker that already parsed its gold (detail 6 of
+        # docs/rewards.md), so each gold is parsed once and repeated answers are verified once.
+        keys = [item[1] for item in items]
+        for status, value in pool.map(items, timeout=self.timeout, keys=keys, on_done=on_done):
             if status == "ok":
                 verdict_status, reward, answer, gold = value
                 verdicts.append(Verdict(reward, verdict_status, answer, gold))
