@@ -18,6 +18,7 @@ The weights therefore always come from the policy that generated the batch (π_o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -75,12 +76,20 @@ class TokenWeightingMixin(CreditHooks):
             # Sharded parameters are gathered by hooks that expect complete forwards: never cut those short.
             zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
             self._tw_stop_early = not (zero3 or self.is_fsdp_enabled)
-            check_attention_capture(
-                self.model,
-                self._tw_layers,
-                stop_early=self._tw_stop_early,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            )
+            gathered = contextlib.nullcontext()
+            if zero3:
+                # zero.Init partitioned the weights at loading and the engine's gathering hooks come only with the
+                # first step: gather them for the check's tiny forward (what TRL's generation gathers every step).
+                import deepspeed
+
+                gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+            with gathered:
+                check_attention_capture(
+                    self.model,
+                    self._tw_layers,
+                    stop_early=self._tw_stop_early,
+                    gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                )
 
     # ── piggyback on TRL's old-logp pass when it runs anyway ────────────────────────────────────────────────────────
     def _generate_and_score_completions(self, inputs):
