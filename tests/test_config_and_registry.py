@@ -88,7 +88,7 @@ def test_yaml_style_parsing_through_hf_argument_parser():
 
 # ── registry ──────────────────────────────────────────────────────────────────────────────────────────────────────
 def _constant(batch, *, scale_rewards="group", branch_td_coef=1.0):
-    return CreditOutput(advantages=torch.full_like(batch.rewards, branch_td_coef))
+    return CreditOutput(advantages=torch.full(batch.completion_ids.shape, branch_td_coef))
 
 
 def test_registry_duplicate_name_raises_and_same_function_is_allowed():
@@ -120,7 +120,66 @@ def test_estimator_hyper_parameters_come_from_config_fields_of_the_same_name():
         num_generations=2,
     )
     out = call_estimator(_constant, batch, cfg(advantage_estimator="tempo", branch_td_coef=0.25))
-    assert out.advantages.tolist() == [0.25, 0.25]
+    assert out.advantages.tolist() == [[0.25] * 3] * 2
+
+
+def _output_check_batch():
+    # N = 4 completions of T = 3 tokens; row 3 has no loss token (a masked truncation), row 2 one padding token.
+    loss = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    return CreditBatch(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3), torch.tensor([1.0, 0.0, 1.0, 0.0]), 2,
+                       loss_mask=loss)  # fmt: skip
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_OUTPUTS = {
+    "fewer_rows": (lambda b: CreditOutput(torch.zeros(3, 3)), r"advantages of shape \(3, 3\), expected \(4, 3\)"),
+    "more_tokens": (lambda b: CreditOutput(torch.zeros(4, 8)), r"advantages of shape \(4, 8\), expected \(4, 3\)"),
+    "all_nan": (lambda b: CreditOutput(torch.full((4, 3), NAN)), r"8 non-finite advantage\(s\).*\(0, 0\)"),
+    "inf_on_a_loss_token": (lambda b: CreditOutput(torch.zeros(4, 3).index_put_((torch.tensor([1]),
+                            torch.tensor([2])), torch.tensor(INF))), r"1 non-finite advantage\(s\).*\(1, 2\)"),
+    "per_completion_undeclared": (lambda b: CreditOutput(torch.zeros(4)), r"register the estimator with "
+                                  r"sequence_level=True"),  # fmt: skip
+    "integer_dtype": (lambda b: CreditOutput(torch.zeros(4, 3, dtype=torch.long)), "expected a floating dtype"),
+    "not_a_tensor": (lambda b: CreditOutput([[0.0] * 3] * 4), "expected a torch.Tensor of shape"),
+    "returns_shape": (lambda b: CreditOutput(torch.zeros(4, 3), returns=torch.zeros(4, 2)), r"returns of shape"),
+    "returns_inf": (lambda b: CreditOutput(torch.zeros(4, 3), returns=torch.full((4, 3), -INF)), "infinite value"),
+    "returns_integer": (lambda b: CreditOutput(torch.zeros(4, 3), returns=torch.zeros(4, 3, dtype=torch.int32)),
+                        "returns of dtype"),  # fmt: skip
+    "metric_not_a_number": (lambda b: CreditOutput(torch.zeros(4, 3), metrics={"x": "high"}), "metric 'x'"),
+    "not_credit_output": (lambda b: torch.zeros(4, 3), "returned Tensor, not CreditOutput"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OUTPUTS))
+def test_estimator_outputs_are_checked_naming_the_estimator_and_the_expected_shape(case):
+    make, match = BAD_OUTPUTS[case]
+    name = f"test_bad_output_{case}"
+    try:
+        fn = register_advantage_estimator(name)(lambda batch: make(batch))
+        with pytest.raises((ValueError, TypeError), match=f"advantage estimator '{name}' .*" + match):
+            call_estimator(fn, _output_check_batch())
+    finally:
+        ADVANTAGE_ESTIMATORS.pop(name, None)
+
+
+def test_estimator_outputs_that_are_valid_pass_the_check():
+    batch = _output_check_batch()
+    adv = torch.zeros(4, 3)
+    adv[2, 2] = adv[3] = NAN  # outside the loss mask: the trainer zeroes them
+    returns = torch.zeros(4, 3)
+    returns[1] = NAN  # NaN = no value target
+    call_estimator(lambda b: CreditOutput(adv, returns=returns, metrics={"m": torch.tensor(1.0), "n": 2}), batch)
+    names = ("test_sequence_level_ok", "test_sequence_level_2d")
+    try:
+        per_completion = torch.tensor([0.5, -0.5, 0.0, NAN])  # row 3 has no loss token
+        ok = register_advantage_estimator(names[0], sequence_level=True)(lambda b: CreditOutput(per_completion))
+        call_estimator(ok, batch)
+        two_d = register_advantage_estimator(names[1], sequence_level=True)(lambda b: CreditOutput(torch.zeros(4, 3)))
+        with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \(4,\): one advantage per completion"):
+            call_estimator(two_d, batch)
+    finally:
+        for name in names:
+            ADVANTAGE_ESTIMATORS.pop(name, None)
 
 
 def test_credit_batch_rejects_inconsistent_shapes_with_a_clear_message():

@@ -1,6 +1,7 @@
 """`trl-credit demo`: the embedded task and its reward, error injection, credit diagnostics, and the CLI end to end."""
 
 import json
+import math
 import random
 import struct
 
@@ -360,3 +361,139 @@ def test_quick_demo_writes_report_plots_and_credit_maps_with_a_row_per_estimator
         assert f"<h2>{preset.label}</h2>" in html
     probes = [[r["text"] for r in results["estimators"][n]["probe"]] for n in PRESETS]
     assert all(p == probes[0] for p in probes)
+
+
+# ── trl-credit demo --real (SmolLM2-135M-Instruct, word problems, LoRA) ────────────────────────────────────────────
+def _real_run_file(runs_dir, name, seed, key, accuracy):
+    from trl_credit.demo.real import _write_json
+
+    run = {"estimator": name, "seed": seed, "settings_key": key, "step_times": [2.0, 2.0], "probe": None,
+           "credit": {"extra_credit_token_frac": 0.0, "mean_abs_advantage": 0.5, "zero_advantage_token_frac": 0.2,
+                      "train_reward_mean": 0.3, "neg_share_after_first_error_token": float("nan"),
+                      "neg_share_after_first_error_step": float("nan")},
+           "points": [{"step": 0, "train_time_s": 0.0, "accuracy": 0.25, "step_error_rate": float("nan")},
+                      {"step": 2, "train_time_s": 4.0, "accuracy": accuracy,
+                       "step_error_rate": float("nan")}]}  # fmt: skip
+    _write_json(runs_dir / f"{name}-seed{seed}.json", run)
+
+
+def test_real_demo_report_aggregates_every_run_file_of_its_settings_and_counts_seeds_per_row(tmp_path):
+    from trl_credit.demo.real import QUICK, RealSettings, aggregate, real_summary_table
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    key = QUICK.key()
+    _real_run_file(runs, "grpo", 0, key, 0.5)
+    _real_run_file(runs, "grpo", 1, key, 0.75)
+    _real_run_file(runs, "tempo", 0, key, 0.5)
+    _real_run_file(runs, "tempo", 1, RealSettings().key(), 1.0)  # other settings: never mixed in
+    (runs / "vineppo-seed0.json").write_text('{"estimator": "vineppo", "settings_key": "' + key + '", "poi')  # killed
+    results = aggregate(tmp_path, QUICK, {"accuracy": 0.25}, {"question": "q"}, tokenizer=None)
+    assert {n: len(v["runs"]) for n, v in results["estimators"].items()} == {"grpo": 2, "tempo": 1}
+    header, rows = real_summary_table(results)
+    by_label = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_label["GRPO"]["seeds"] == "2" and by_label["TEMPO"]["seeds"] == "1"
+    assert by_label["GRPO"]["final acc. (%)"] == "62.5 ± 17.7"
+    assert by_label["TEMPO"]["Δ final vs GRPO"] == "+0.0 (one seed: no noise estimate)"
+    assert QUICK.key() != RealSettings().key()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--tune"], "argument --tune: not available with --real"),
+        (["--estimators", "grpo,gigpoo"], "unknown or no estimator(s) ['gigpoo'] for --real"),
+        (["--threads", "none"], "argument --threads: expected an integer >= 1 or 'auto'"),
+    ],
+)
+def test_real_demo_refuses_bad_flags_before_loading_the_model(tmp_path, capsys, flags, expected):
+    from trl_credit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--real", *flags, "--output-dir", str(tmp_path / "o")])
+    assert info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_real_demo_refuses_settings_the_configs_reject_before_loading_the_model(tmp_path, capsys):
+    from trl_credit.cli import main
+
+    out = tmp_path / "o"
+    assert main(["demo", "--real", "--num-generations", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rejected by the estimators' configs (nothing was run)" in err
+    assert "grpo: ValueError: GRPO requires at least 2 generations" in err and "'num_generations': 1" in err
+    assert not (out / "start.json").exists() and not list((out / "runs").glob("*.json"))
+
+
+@pytest.mark.real_model
+def test_real_demo_smallest_size_end_to_end_then_skips_finished_runs_and_accumulates_seeds(smollm2_dir, tmp_path,
+                                                                                           capsys):  # fmt: skip
+    import re
+
+    from trl_credit.cli import main
+
+    out = tmp_path / "real"
+    argv = ["demo", "--real", "--quick", "--steps", "1", "--eval-every", "1", "--eval-problems", "4",
+            "--num-generations", "3", "--prompts-per-step", "1", "--max-completion-length", "40",
+            "--estimators", "grpo,tempo", "--output-dir", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    files = sorted((out / "runs").glob("*.json"))
+    assert [f.name for f in files] == ["grpo-seed0.json", "tempo-seed0.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["start"]["accuracy"] <= 1.0
+    probe_text = []
+    for name in ("grpo", "tempo"):
+        (run,) = results["estimators"][name]["runs"]
+        assert [p["step"] for p in run["points"]] == [0, 1]
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in run["points"])
+        assert len(run["step_times"]) == 1 and run["step_times"][0] > 0
+        rows = results["estimators"][name]["probe"]
+        assert rows and all(len(r["advantages"]) == len(r["ids"]) for r in rows)
+        assert all(math.isfinite(a) for r in rows for a in r["advantages"])
+        probe_text += [r["text"] for r in rows]
+    # the credit map is over the model's real English answers, token by token
+    wordy = [t for t in probe_text if len(re.findall(r"[A-Za-z]{2,}", t)) >= 5]
+    assert len(wordy) >= 0.8 * len(probe_text), probe_text[:2]
+    html = (out / "credit_map.html").read_text()
+    words = set(re.findall(r"[A-Za-z]{4,}", probe_text[0]))
+    assert words and sum(w in html for w in words) >= 0.8 * len(words)
+    assert (out / "credit_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| GRPO | 1 |" in report and "| TEMPO | 1 |" in report and "![credit map](credit_map.png)" in report
+
+    # a second invocation reruns nothing: same run files, untouched
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "2 run(s) already in" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    # more seeds accumulate into the same report
+    assert main([*argv[:-5], "--estimators", "grpo", "--seeds", "2", "--output-dir", str(out), "--no-progress"]) == 0
+    assert (out / "runs" / "grpo-seed1.json").exists() and {f: f.stat().st_mtime_ns for f in files} == stamps
+    report = (out / "report.md").read_text()
+    assert "| GRPO | 2 |" in report and "| TEMPO | 1 |" in report
+
+
+def test_credit_map_figure_wraps_long_real_text_rows_within_the_width_and_keeps_every_token():
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from trl_credit.viz import CreditRow, credit_map_figure
+
+    tokens = [f" word{i % 10}" for i in range(60)]  # 6 characters each: 360 characters of real-looking text
+    row = CreditRow(tokens=tokens, advantages=[0.1 * (i % 5 - 2) for i in range(60)], label="✗ wrong", marker=59,
+                    prompt="Tom has 7 pencils. He buys 5 more pencils. How many pencils does Tom have now?")  # fmt: skip
+    flat, wrapped = credit_map_figure({"GRPO": [row]}), credit_map_figure({"GRPO": [row]}, wrap=60, max_tokens=400)
+    try:
+        cells = [p for p in wrapped.axes[0].patches if isinstance(p, Rectangle) and p.fill]
+        assert len(cells) == 60  # nothing cut
+        left = min(p.get_x() for p in cells)
+        assert max(p.get_x() + p.get_width() for p in cells) <= left + 60
+        assert len({round(p.get_y()) for p in cells}) == 6  # 360 characters on lines of 60
+        boxed = [p for p in wrapped.axes[0].patches if isinstance(p, Rectangle) and not p.fill]
+        assert len(boxed) == 1 and round(boxed[0].get_y()) == max(round(p.get_y()) for p in cells)  # the last token
+        assert wrapped.get_size_inches()[1] > flat.get_size_inches()[1]
+        assert wrapped.get_size_inches()[0] < flat.get_size_inches()[0]
+    finally:
+        plt.close(flat)
+        plt.close(wrapped)

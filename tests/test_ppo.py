@@ -1,5 +1,7 @@
 """`trl_credit.PPOTrainer` / `PPOConfig`: the critic, GAE with macro actions, checkpoints, DDP and vLLM."""
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,61 @@ def test_critic_starts_from_the_policy_backbone_with_a_zero_head_and_is_not_a_po
     assert (critic_of(trainer).pretrained.score.weight == 0.5).all()
 
 
+def swapped_special_tokens_tokenizer():
+    """The test tokenizer with its pad and EOS ids swapped: same size, another vocabulary."""
+    from tokenizers import Tokenizer
+
+    from trl_credit.testing import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+
+    tok = build_tokenizer()
+    state = json.loads(tok.backend_tokenizer.to_str())
+    for entry in state["added_tokens"]:
+        entry["id"] = {0: 2, 2: 0}.get(entry["id"], entry["id"])
+    vocab = state["model"]["vocab"]
+    vocab[PAD_TOKEN], vocab[EOS_TOKEN] = vocab[EOS_TOKEN], vocab[PAD_TOKEN]
+    backend = Tokenizer.from_str(json.dumps(state))
+    swapped = type(tok)(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    assert len(swapped) == len(tok) and swapped.get_vocab() != tok.get_vocab()
+    return swapped
+
+
+@pytest.mark.parametrize("critic", ["smaller_vocabulary", "same_size_other_vocabulary"])
+def test_a_critic_with_another_tokenizer_is_refused_at_construction(tiny_model_dir, tmp_path, critic):
+    from trl_credit.testing import build_tiny_model, build_tokenizer
+
+    smaller = critic == "smaller_vocabulary"
+    tokenizer = build_tokenizer(vocab_size=300) if smaller else swapped_special_tokens_tokenizer()
+    path = build_tiny_model(tmp_path / critic, tokenizer=tokenizer)
+    detail = r"300 tokens in the critic's vocabulary, 400" if smaller else r"'<\|im_end\|>': 2 for the policy, 0"
+    with pytest.raises(ValueError, match=r"critic's tokenizer .*differs from the policy's.*" + detail):
+        PPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=make_args(tmp_path, kl_coef=0.0),
+                   value_model=path, train_dataset=tiny_math_dataset(8))  # fmt: skip
+
+
+def test_a_critic_module_without_a_tokenizer_is_checked_by_its_embeddings(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, Qwen2Config
+
+    small = AutoModelForSequenceClassification.from_config(
+        Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                    num_key_value_heads=1, num_labels=1)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="embeds 300 token ids but the policy's tokenizer has 400"):
+        PPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=make_args(tmp_path, kl_coef=0.0),
+                   value_model=small, train_dataset=tiny_math_dataset(8))  # fmt: skip
+    # A module with enough embeddings but no tokenizer to compare: accepted, with a warning to check it.
+    critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    critic.config._name_or_path = ""
+    with pytest.warns(UserWarning, match="Could not load a tokenizer"):
+        PPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=make_args(tmp_path, kl_coef=0.0),
+                   value_model=critic, train_dataset=tiny_math_dataset(8))  # fmt: skip
+    # The policy's own checkpoint (with its tokenizer) passes silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+        PPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=make_args(tmp_path, kl_coef=0.0),
+                   value_model=tiny_model_dir, train_dataset=tiny_math_dataset(8))  # fmt: skip
+
+
 def test_missing_eos_penalty_lowers_the_reward_of_truncated_completions(tiny_model_dir, tmp_path):
     trainer = PPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, train_dataset=tiny_math_dataset(8),
                          args=make_args(tmp_path, kl_coef=0.0, missing_eos_penalty=1.0))  # fmt: skip
@@ -127,7 +184,10 @@ def test_missing_eos_penalty_lowers_the_reward_of_truncated_completions(tiny_mod
         "completion_ids": torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8], [5, eos, pad, pad], [9, 9, 9, 9]]),
         "completion_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]),
     }
-    ctx = {"rewards_per_func": torch.tensor([[0.5], [0.5], [float("nan")], [0.0]])}
+    ctx = {
+        "rewards_per_func": torch.tensor([[0.5], [0.5], [float("nan")], [0.0]]),
+        "completion_ids_list": [[5, 6, eos], [5, 6, 7, 8], [5, eos], [9, 9, 9, 9]],
+    }
     fields = trainer._credit_batch_fields(out, ctx)
     torch.testing.assert_close(fields["rewards"], torch.tensor([0.5, -0.5, float("nan"), -1.0]), equal_nan=True)
 
@@ -271,8 +331,9 @@ def test_two_processes_ddp_with_a_critic_and_5gram_macros(tiny_model_dir, tmp_pa
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_colocate_trains_with_the_critic_and_never_syncs_it(tiny_model_dir, vllm_cpu_colocate, tmp_path):
+    # The importance-sampling correction (off by default on vLLM's CPU build) logs the vLLM/trainer log-prob gap.
     args = make_args(tmp_path, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256, macro_action="ngram",
-                     macro_action_n=5, max_steps=2)  # fmt: skip
+                     macro_action_n=5, max_steps=2, vllm_importance_sampling_correction=True)  # fmt: skip
     trainer = PPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=args,
                          train_dataset=tiny_math_dataset(16))  # fmt: skip
     synced: list[str] = []

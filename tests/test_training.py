@@ -133,18 +133,23 @@ def test_group_of_identical_completions_gives_zero_advantages(tiny_model_dir, tm
     assert torch.count_nonzero(recorder.batches[0]["advantages"]) == 0
 
 
-def test_an_estimator_returning_nan_and_inf_is_sanitised_before_the_loss(tiny_model_dir, tmp_path):
-    name = "test_broken_estimator"
+BROKEN_OUTPUTS = {
+    # The three cases of the issue: before the check they failed later with a shape error, were silently zeroed, or
+    # were silently cropped to T.
+    "one_row_short": (lambda b: torch.zeros(b.completion_ids.size(0) - 1, b.completion_ids.size(1)), "shape"),
+    "all_nan": (lambda b: torch.full(b.completion_ids.shape, float("nan")), "non-finite advantage"),
+    "five_tokens_too_many": (lambda b: torch.zeros(b.completion_ids.size(0), b.completion_ids.size(1) + 5), "shape"),
+}
 
-    @register_advantage_estimator(name)
-    def broken(batch):
-        adv = torch.full(batch.completion_ids.shape, float("nan"))
-        adv[:, 0] = float("inf")
-        return CreditOutput(advantages=adv)
 
+@pytest.mark.parametrize("case", sorted(BROKEN_OUTPUTS))
+def test_a_broken_estimator_output_stops_training_naming_the_estimator(tiny_model_dir, tmp_path, case):
+    make, match = BROKEN_OUTPUTS[case]
+    name = f"test_broken_estimator_{case}"
+    register_advantage_estimator(name)(lambda batch: CreditOutput(advantages=make(batch)))
     try:
-        _, logs, recorder, _ = run(tiny_model_dir, tmp_path, advantage_estimator=name)
-        assert torch.count_nonzero(recorder.batches[0]["advantages"]) == 0
+        with pytest.raises(ValueError, match=f"advantage estimator '{name}' returned .*{match}"):
+            run(tiny_model_dir, tmp_path, advantage_estimator=name)
     finally:
         ADVANTAGE_ESTIMATORS.pop(name)
 

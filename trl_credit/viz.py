@@ -200,7 +200,9 @@ def credit_map_html(
         "td{padding:2px 6px;vertical-align:middle;white-space:nowrap}",
         "td.l{color:#555;font-size:12px;text-align:right}",
         "td.p{color:#999;font-family:monospace}",
-        "span.t{font-family:monospace;font-size:15px;padding:1px 0;border:1px solid transparent}",
+        "td.c{white-space:normal;max-width:1100px}",
+        "span.t{font-family:monospace;font-size:15px;padding:1px 0;border:1px solid transparent;"
+        "display:inline-block;white-space:pre}",
         "span.m{border:2px solid #000;border-radius:2px}",
         "h2{font-size:16px;margin:14px 0 2px}",
         "p.n{font-size:12px;color:#555;margin:0 0 4px}",
@@ -234,7 +236,7 @@ def credit_map_html(
                     f"A={a:+.4f}'>{esc(_visible(tok))}</span>"
                 )
             prompt = f"<td class='p'>{esc(_visible(row.prompt))}</td>" if row.prompt is not None else ""
-            out.append(f"<tr><td class='l'>{esc(row.label)}</td>{prompt}<td>{''.join(cells)}</td></tr>")
+            out.append(f"<tr><td class='l'>{esc(row.label)}</td>{prompt}<td class='c'>{''.join(cells)}</td></tr>")
         out.append("</table>")
     out.append("</body></html>")
     return "\n".join(out)
@@ -251,10 +253,13 @@ def credit_map_figure(
     scale: str | float = "panel",
     notes: Mapping[str, str] | None = None,
     max_tokens: int = 120,
+    wrap: int | None = None,
 ):
     """
     The credit map as a matplotlib `Figure` (one text cell per token, coloured; the marked token boxed). Same
-    arguments as [`credit_map_html`]; rows are cut after `max_tokens` tokens.
+    arguments as [`credit_map_html`]; rows are cut after `max_tokens` tokens. With `wrap` (characters per line), a
+    row continues on further lines and its prompt gets a line of its own above it: the layout for real text, whose
+    completions are hundreds of characters long.
 
     Returns:
         `matplotlib.figure.Figure`
@@ -269,14 +274,35 @@ def credit_map_figure(
     scales = _scales(panels, scale)
     cell = 0.11  # inches per character
     label_chars = max([len(r.label) for rows in panels.values() for r in rows] + [4])
-    prompt_chars = max([len(_visible(r.prompt or "")) for rows in panels.values() for r in rows] + [0])
-    width_chars = max(
-        [sum(len(_visible(t)) for t in r.tokens[:max_tokens]) for rows in panels.values() for r in rows] + [10]
-    )
+    prompt_chars = 0 if wrap else max([len(_visible(r.prompt or "")) for rows in panels.values() for r in rows] + [0])
+
+    def layout(row) -> list[tuple[int, int, str]]:
+        """(line, offset, text) per token: one line, or lines of at most `wrap` characters."""
+        cells, line, x = [], 0, 0
+        for tok in row.tokens[:max_tokens]:
+            text = _visible(tok)
+            if wrap and x > 0 and x + len(text) > wrap:
+                line, x = line + 1, 0
+            cells.append((line, x, text))
+            x += len(text)
+        return cells
+
+    layouts = {id(r): layout(r) for rows in panels.values() for r in rows}
+    width_chars = max([off + len(t) for cells in layouts.values() for _, off, t in cells] + [10])
+    if wrap:
+        width_chars = max([width_chars] + [len(_visible(r.prompt)) for rows in panels.values() for r in rows
+                                           if r.prompt is not None])  # fmt: skip
+
+    def row_lines(row) -> int:
+        cells = layouts[id(row)]
+        return (cells[-1][0] + 1 if cells else 1) + (1 if wrap and row.prompt is not None else 0)
+
     left = label_chars + 1 + (prompt_chars + 1 if prompt_chars else 0)
     total_chars = left + width_chars + 1
     # Mirrors the layout below: a title line, then per panel a heading line, its rows and half a line of space.
-    n_rows = (1 if title else 0) + sum(len(rows) + (1.5 if name else 0) for name, rows in panels.items())
+    n_rows = (1 if title else 0) + sum(
+        sum(row_lines(r) for r in rows) + (1.5 if name else 0) for name, rows in panels.items()
+    )
     headings = {name: _heading(name, scales[name], (notes or {}).get(name, "")) for name in panels}
     longest_heading = max([len(title or "")] + [len(h) for h in headings.values()])
     fig_w, row_h = max(6.0, total_chars * cell, 0.09 * longest_heading), 0.3
@@ -295,20 +321,21 @@ def credit_map_figure(
             ax.text(0.2, y + 0.75, headings[name], fontsize=10, fontweight="bold", va="center")
             y += 1
         for row in rows:
+            if wrap and row.prompt is not None:
+                ax.text(label_chars + 1, y + 0.5, row.prompt, fontsize=9, va="center", color="#777")
+                y += 1
             ax.text(label_chars, y + 0.5, row.label, fontsize=8, ha="right", va="center", color="#555")
             if prompt_chars:
                 ax.text(label_chars + 1, y + 0.5, _visible(row.prompt or ""), fontsize=9, va="center",
                         family="monospace", color="#999")  # fmt: skip
-            x = float(left)
-            for j, (tok, a) in enumerate(zip(row.tokens[:max_tokens], row.advantages[:max_tokens])):
-                text = _visible(tok)
-                w = len(text)
-                ax.add_patch(Rectangle((x, y + 0.08), w, 0.84, facecolor=_rgb(a, s), edgecolor="none"))
+            cells = layouts[id(row)]
+            for j, ((line, off, text), a) in enumerate(zip(cells, row.advantages)):
+                x, w, yy = float(left + off), len(text), y + line
+                ax.add_patch(Rectangle((x, yy + 0.08), w, 0.84, facecolor=_rgb(a, s), edgecolor="none"))
                 if j == row.marker:
-                    ax.add_patch(Rectangle((x, y + 0.04), w, 0.92, fill=False, edgecolor="black", linewidth=1.6))
-                ax.text(x + w / 2, y + 0.52, text, fontsize=9, ha="center", va="center", family="monospace")
-                x += w
-            y += 1
+                    ax.add_patch(Rectangle((x, yy + 0.04), w, 0.92, fill=False, edgecolor="black", linewidth=1.6))
+                ax.text(x + w / 2, yy + 0.52, text, fontsize=9, ha="center", va="center", family="monospace")
+            y += cells[-1][0] + 1 if cells else 1
         y += 0.5 if name else 0
     return fig
 

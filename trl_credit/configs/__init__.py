@@ -2,6 +2,7 @@ from .credit import CreditArguments
 from .grpo import GRPOConfig
 from .macro import MacroActionArguments
 from .ppo import PPOConfig
+from .spo import SPOArguments
 from .vineppo import VinePPOArguments
 from .weighting import TokenWeightingArguments
 
@@ -11,6 +12,7 @@ __all__ = [
     "GRPOConfig",
     "MacroActionArguments",
     "PPOConfig",
+    "SPOArguments",
     "TokenWeightingArguments",
     "VinePPOArguments",
 ]

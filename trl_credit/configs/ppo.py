@@ -161,6 +161,11 @@ class PPOConfig(GRPOConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise ValueError(
+                f"missing_eos_penalty must be a finite number or None, got {self.missing_eos_penalty}: it is "
+                "subtracted from rewards, and a non-finite reward is unscorable."
+            )
         if not (math.isfinite(self.cliprange_value) and self.cliprange_value > 0):
             raise ValueError(
                 f"cliprange_value must be > 0, got {self.cliprange_value}: the value update is clipped to "

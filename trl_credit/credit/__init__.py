@@ -21,7 +21,7 @@ from .attention import (
     top_q_mask,
     waad_delta,
 )
-from .batch import CreditBatch, CreditOutput
+from .batch import CreditBatch, CreditOutput, nonfinite_rewards_to_nan
 from .grpo import advantage_denominator, compute_grpo_advantages, nanstd, reward_std
 from .macro import (
     boundary_segments,
@@ -44,8 +44,27 @@ from .registry import (
     estimator_kwargs,
     get_advantage_estimator,
     register_advantage_estimator,
+    validate_credit_output,
 )
 from .segment_gae import compute_segment_gae
+from .spo import (
+    SPO_ADVANTAGE_NORMS,
+    CutpointSegments,
+    compute_spo_chain_advantages,
+    cutpoint_boundaries,
+    masked_whiten,
+    probability_mask,
+    spo_normalize,
+)
+from .spo_tree import (
+    compute_spo_tree_advantages,
+    num_tree_slots,
+    tree_node_counts,
+    tree_node_values,
+    tree_paths_tensor,
+    tree_segment_ids,
+    tree_slot_leaves,
+)
 from .steps import STEP_SPLITS, estimated_state_mask, segment_completions, split_math, split_newline
 from .tempo import compute_gigpo_advantages, compute_tempo_advantages
 from .vineppo import compute_vineppo_advantages, interpolate_state_values
@@ -55,7 +74,21 @@ from .weights import apply_token_weights, entropy_threshold, entropy_token_weigh
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "RHYTHM_STRATEGIES",
+    "SPO_ADVANTAGE_NORMS",
     "STEP_SPLITS",
+    "CutpointSegments",
+    "compute_spo_chain_advantages",
+    "cutpoint_boundaries",
+    "masked_whiten",
+    "probability_mask",
+    "spo_normalize",
+    "compute_spo_tree_advantages",
+    "num_tree_slots",
+    "tree_node_counts",
+    "tree_node_values",
+    "tree_paths_tensor",
+    "tree_segment_ids",
+    "tree_slot_leaves",
     "boundary_segments",
     "compute_gae_advantages",
     "compute_macro_tempo_advantages",
@@ -104,7 +137,9 @@ __all__ = [
     "estimator_kwargs",
     "get_advantage_estimator",
     "nanstd",
+    "nonfinite_rewards_to_nan",
     "prefix_tree_values",
     "register_advantage_estimator",
     "reward_std",
+    "validate_credit_output",
 ]

@@ -19,7 +19,9 @@ every token of `ω_k` gets `A_k` and the value target `Ret_k`. One macro per tok
 
 Deviations from TRL 1.12's `PPOTrainer`: advantages are whitened only with `whiten_advantages=True` (1.12 always
 whitened; MA-RLHF never does), over the **global** generation batch rather than per process. Completions for which
-every reward function returned `None` get advantage 0 and no value target (`NaN` returns, skipped by the value loss).
+every reward function returned `None`, or whose reward was not a finite number (the trainers turn ±inf into `NaN`),
+get advantage 0 and no value target (`NaN` returns, skipped by the value loss). A completion with no loss token
+(TRL's `mask_truncated_completions`) is left out like padding: the critic reads it with a zeroed attention mask.
 """
 
 from __future__ import annotations
@@ -155,8 +157,10 @@ def gae_estimator(
     """
     if batch.values is None:
         raise ValueError("advantage_estimator='gae' needs critic values (batch.values); use trl_credit.PPOTrainer.")
-    mask = batch.completion_mask.to(torch.float32)
-    valid = mask > 0
+    # Rows without a loss token (truncated under `mask_truncated_completions`) are left out like padding.
+    in_loss = (batch.mask > 0).any(dim=1)
+    valid = (batch.completion_mask > 0) & in_loss[:, None]
+    mask = valid.to(torch.float32)
     N, T = mask.shape
     values = batch.values.to(torch.float32)
     scorable = ~torch.isnan(batch.rewards)
@@ -184,9 +188,10 @@ def gae_estimator(
         token_rewards = torch.where(valid, masked_whiten(token_rewards, valid & scorable[:, None], False), 0.0)
 
     # ── GAE over macros (tokens when no segmentation is configured) ──
-    seg = batch.segment_ids if batch.segment_ids is not None else token_segments(batch.completion_mask)
+    seg = batch.segment_ids if batch.segment_ids is not None else token_segments(mask)
+    seg = torch.where(valid, seg.long(), torch.full_like(seg.long(), -1))
     advantages, returns = compute_gae_advantages(
-        values, token_rewards, batch.completion_mask, seg, gamma, lam,
+        values, token_rewards, mask, seg, gamma, lam,
         value_agg=macro_value_agg, reward_agg=macro_reward_agg, scorable=scorable,
     )  # fmt: skip
     loss_mask = batch.mask > 0

@@ -4,6 +4,7 @@ r"""
     trl-credit demo                   # 3 seeds; ~11 min on 2 CPU cores, the starting policy's 2 min included
     trl-credit demo --quick           # 1 seed, 24 steps; 2-4.5 min, 1.2-2.1 min once the starting policy is cached
     trl-credit demo --output-dir DIR  # default: demo_output/
+    trl-credit demo --real --quick    # the comparison on the real SmolLM2-135M-Instruct (LoRA): `trl_credit.demo.real`
 
 Steps (nothing is downloaded):
 
@@ -56,6 +57,7 @@ PROBE_SEED = 7
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .real import REAL_PRESETS, RealSettings
     from .rl import PRESETS, RLSettings
     from .sft import SFTSettings
 
@@ -73,19 +75,23 @@ def _parser() -> argparse.ArgumentParser:
                         "starting policy is cached (docs/demo.md: what the time depends on).")  # fmt: skip
     p.add_argument("--seeds", type=positive, default=None, help="Seeds per estimator (default 3; 1 with --quick).")
     p.add_argument("--output-dir", default="demo_output", help="Where the report, plots and maps go.")
-    p.add_argument("--estimators", default=",".join(PRESETS),
-                   help=f"Comma-separated subset of: {', '.join(PRESETS)} (default: all).")  # fmt: skip
+    p.add_argument("--estimators", default=None,
+                   help=f"Comma-separated subset of: {', '.join(PRESETS)} (default: all). With --real: "
+                        f"{', '.join(REAL_PRESETS)} (default: all; grpo,tempo with --quick).")  # fmt: skip
     p.add_argument("--steps", type=positive, default=None, help="RL steps per run (default 40; 24 with --quick).")
     p.add_argument("--eval-every", type=positive, default=None,
                    help="Evaluate every k steps (default 5; 4 with --quick).")  # fmt: skip
     p.add_argument("--eval-problems", type=positive, default=None,
                    help="Evaluation problems (default 256; 128 with --quick).")  # fmt: skip
     p.add_argument("--learning-rate", type=number(float, 0.0, low_open=True, what="a learning rate > 0"),
-                   default=rl.learning_rate, help="RL learning rate (AdamW, constant).")  # fmt: skip
-    p.add_argument("--num-generations", type=positive, default=rl.num_generations,
-                   help="Group size G (at least 2: the estimators compare a group's completions).")  # fmt: skip
-    p.add_argument("--prompts-per-step", type=positive, default=rl.prompts_per_step,
-                   help="Prompts per optimizer step.")  # fmt: skip
+                   default=None, help=f"RL learning rate (AdamW, constant; default {rl.learning_rate:g}, "
+                                      f"{RealSettings().learning_rate:g} with --real).")  # fmt: skip
+    p.add_argument("--num-generations", type=positive, default=None,
+                   help=f"Group size G (at least 2: the estimators compare a group's completions; default "
+                        f"{rl.num_generations}, {RealSettings().num_generations} with --real).")  # fmt: skip
+    p.add_argument("--prompts-per-step", type=positive, default=None,
+                   help=f"Prompts per optimizer step (default {rl.prompts_per_step}, "
+                        f"{RealSettings().prompts_per_step} with --real).")  # fmt: skip
     p.add_argument("--sft-steps", type=positive, default=sft.steps, help="SFT steps of the starting policy.")
     p.add_argument("--error-rate", type=number(float, 0.0, what="a probability in [0, 1)"), default=sft.error_rate,
                    help="Probability that a demonstration's addition is wrong (the starting slip rate).")  # fmt: skip
@@ -94,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="auto",
                    help="torch threads: a number, or 'auto' (the cores not already busy, at least 1).")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    p.add_argument("--max-completion-length", type=positive, default=None,
+                   help=f"--real only: tokens per completion (default {RealSettings().max_completion_length}).")
+    p.add_argument("--real", action="store_true",
+                   help="The comparison on the real SmolLM2-135M-Instruct (LoRA) and generated word problems, T = "
+                        "0.7: resumable, one result file per (estimator, seed) run (docs/demo.md). Default seeds 1, "
+                        "output dir demo_output_real; --quick: grpo,tempo x 2 steps of 2 x 4 short completions.")
     p.add_argument("--tune", action="store_true",
                    help="Run the validation sweep over learning rate and group size (writes tune.md).")  # fmt: skip
     return p
@@ -161,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _quiet_environment()
+    if args.real:
+        if args.tune:
+            parser.error("argument --tune: not available with --real (the real demo is not tuned on any split).")
+        from .real import main_real
+
+        return main_real(args, parser)
+    if args.max_completion_length is not None:
+        parser.error("argument --max-completion-length: only with --real (the chain task fixes its length).")
     import torch
 
     from .rl import PRESETS, RLSettings
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --threads: expected an integer >= 1 or 'auto', got {args.threads!r}")
     mode_name = "quick" if args.quick else "default"
     mode = MODES[mode_name]
-    names = list(dict.fromkeys(n.strip() for n in args.estimators.split(",") if n.strip()))
+    names = list(dict.fromkeys(n.strip() for n in (args.estimators or ",".join(PRESETS)).split(",") if n.strip()))
     unknown = [n for n in names if n not in PRESETS]
     if unknown or not names:
         parser.error(f"argument --estimators: unknown or no estimator(s) {unknown}; choose from {list(PRESETS)}.")
@@ -189,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     rl = RLSettings(
         steps=args.steps or mode.steps,
         eval_every=args.eval_every or mode.eval_every,
-        prompts_per_step=args.prompts_per_step,
-        num_generations=args.num_generations,
-        learning_rate=args.learning_rate,
+        prompts_per_step=args.prompts_per_step or RLSettings.prompts_per_step,
+        num_generations=args.num_generations or RLSettings.num_generations,
+        learning_rate=args.learning_rate or RLSettings.learning_rate,
     )
     cache = Path(args.cache_dir) if args.cache_dir else Path(
         os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")

@@ -17,6 +17,11 @@ Three pieces, so that the same engine runs inside the trainer, in the tests and 
   `VLLMColocateRolloutBackend` (one `llm.generate` call with a per-request budget), `TRLVLLMRolloutBackend` (TRL's
   vLLM path: server mode, or colocate with sleep mode / tensor parallelism; equal-length request lists on every rank).
 
+The same backends sample SPO-tree's groups ([SPO](https://huggingface.co/papers/2505.23564)): `run_tree_rollouts`
+grows one tree per prompt level by level (`b_d` continuations of every open node, `M` tokens per inner level), with
+the same per-process contract, and returns `TreeRollouts` (nodes, leaves, the slots of replicated early leaves, and
+the sampling log-probs that `RolloutBackend.generate_with_logprobs` reports for vLLM).
+
 Cost-cutting options (off by default, paper-faithful K = 9 at every boundary):
 
 - **tree reuse**: the group's completions that pass through `s` are samples from `π(·|s)` too; each row's value
@@ -43,6 +48,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from ..credit.spo_tree import tree_slot_leaves
 
 
 def _noop(*args, **kwargs) -> None:
@@ -289,6 +296,13 @@ class RolloutBackend(abc.ABC):
     def generate(self, prefixes: list[list[int]], budgets: list[int], call_budget: int) -> list[list[int]]:
         """Continuations (token ids, EOS included) of each prefix, sampled with the training parameters."""
 
+    def generate_with_logprobs(
+        self, prefixes: list[list[int]], budgets: list[int], call_budget: int
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """`generate`, plus the sampling log-probability of every continuation token where the backend reports one
+        (vLLM); `None` otherwise (`model.generate`, which reports none)."""
+        return self.generate(prefixes, budgets, call_budget), None
+
 
 def _plan_calls(budgets: list[int], backend: RolloutBackend, world: int) -> list[list[int]]:
     """Global flat rollout indices of each backend call: budgets sorted descending, bucketed and chunked."""
@@ -486,6 +500,10 @@ class TransformersRolloutBackend(RolloutBackend):
             completion_ids, _ = self.trainer._generate_single_turn(prefixes, None, {}, 1)
         return completion_ids
 
+    def generate_with_logprobs(self, prefixes, budgets, call_budget):
+        with _max_new_tokens(self.trainer, call_budget), torch.no_grad():
+            return self.trainer._generate_single_turn(prefixes, None, {}, 1)
+
 
 class TRLVLLMRolloutBackend(RolloutBackend):
     """
@@ -505,6 +523,10 @@ class TRLVLLMRolloutBackend(RolloutBackend):
             completion_ids, _ = self.trainer._generate_single_turn(prefixes, None, {}, 1)
         return completion_ids
 
+    def generate_with_logprobs(self, prefixes, budgets, call_budget):
+        with _max_new_tokens(self.trainer, call_budget), torch.no_grad():
+            return self.trainer._generate_single_turn(prefixes, None, {}, 1)
+
 
 class VLLMColocateRolloutBackend(RolloutBackend):
     """
@@ -522,6 +544,12 @@ class VLLMColocateRolloutBackend(RolloutBackend):
         self.trainer = trainer
 
     def generate(self, prefixes, budgets, call_budget):
+        return self._sample(prefixes, budgets, logprobs=False)[0]
+
+    def generate_with_logprobs(self, prefixes, budgets, call_budget):
+        return self._sample(prefixes, budgets, logprobs=True)
+
+    def _sample(self, prefixes, budgets, logprobs: bool):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -539,6 +567,8 @@ class VLLMColocateRolloutBackend(RolloutBackend):
             "min_p": 0.0 if vg.min_p is None else vg.min_p,
         }
         base.update(vg.generation_kwargs)
+        if logprobs:
+            base["logprobs"] = 0  # the sampled token's log-prob only (in the engine's logprobs mode, as TRL's calls)
         if vg.structured_outputs_regex is not None:
             base["structured_outputs"] = StructuredOutputsParams(regex=vg.structured_outputs_regex)
         elif isinstance(base.get("structured_outputs"), dict):
@@ -555,12 +585,17 @@ class VLLMColocateRolloutBackend(RolloutBackend):
             f = g
         with torch.no_grad():
             outputs = vg.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        conts = []
+        conts, logps = [], []
         for out, n in zip(outputs, runs):
             if len(out.outputs) != n:
                 raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for a request with n={n}.")
             conts.extend(list(o.token_ids) for o in out.outputs)
-        return conts
+            if logprobs:
+                for o in out.outputs:
+                    if o.logprobs is None:
+                        raise RuntimeError("vLLM returned no log-probs although they were requested.")
+                    logps.append([float(lp[t].logprob) for t, lp in zip(o.token_ids, o.logprobs)])
+        return conts, (logps if logprobs else None)
 
 
 @contextlib.contextmanager
@@ -594,6 +629,231 @@ def make_rollout_backend(trainer, max_rows: int | None = None) -> RolloutBackend
     if max_rows is None:
         max_rows = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation
     return TransformersRolloutBackend(trainer, max_rows)
+
+
+# ── tree rollouts (SPO-tree) ───────────────────────────────────────────────────────────────────────────────────────
+@dataclass
+class TreeNode:
+    """
+    One node of a sampled tree: the segment (token ids) its parent's state was continued with.
+
+    Attributes:
+        token_ids: the segment's tokens (EOS included when it ended there).
+        logprobs: the sampling log-probability of each token (`None` when the backend reports none).
+        leaf: the node is not expanded (EOS, a stop, the horizon, or the last level).
+        truncated: a leaf that reached `max_completion_length` without EOS.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    leaf: bool
+    truncated: bool = False
+
+
+@dataclass
+class TreeRollouts:
+    r"""
+    The trees sampled by `run_tree_rollouts`, one per prompt (identical on every process).
+
+    A node is addressed by its path (child index per level, from the root's children). The completions of a prompt
+    are its `Π_d b_d` *slots* in lexicographic path order; a leaf above the last level fills every slot of its subtree
+    (replication, `trl_credit.credit.spo_tree.tree_slot_leaves`).
+
+    Attributes:
+        shape (`tuple[int, ...]`): `(b_0, …, b_{D−1})`.
+        segment_tokens (`int`): `M`, the tokens of every non-final segment.
+        nodes (`list[dict[tuple[int, ...], TreeNode]]`): per prompt, every node by path.
+        generated_tokens (`int`): tokens of all segments (what the backends decoded, cut after EOS), all processes.
+        backend_calls (`int`): generation calls per process.
+    """
+
+    shape: tuple[int, ...]
+    segment_tokens: int
+    nodes: list[dict[tuple[int, ...], TreeNode]]
+    generated_tokens: int = 0
+    backend_calls: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return math.prod(self.shape)
+
+    def leaves(self, prompt: int) -> list[tuple[int, ...]]:
+        """The paths of the prompt's leaves, in lexicographic order."""
+        return sorted(path for path, node in self.nodes[prompt].items() if node.leaf)
+
+    def slot_paths(self, prompt: int) -> list[tuple[int, ...]]:
+        """The leaf path of each of the prompt's `Π_d b_d` slots (replication)."""
+        leaves = self.leaves(prompt)
+        return [leaves[i] for i in tree_slot_leaves(leaves, self.shape)]
+
+    def completion(self, prompt: int, path: Sequence[int]) -> tuple[list[int], list[float] | None, list[int]]:
+        """`(token ids, log-probs or None, segment lengths)` of the completion from the root to the node `path`."""
+        ids: list[int] = []
+        logps: list[float] | None = []
+        lengths = []
+        for d in range(1, len(path) + 1):
+            node = self.nodes[prompt][tuple(path[:d])]
+            ids += node.token_ids
+            lengths.append(len(node.token_ids))
+            logps = None if logps is None or node.logprobs is None else logps + node.logprobs
+        return ids, logps, lengths
+
+
+def validate_tree_shape(shape: Sequence[int], segment_tokens: int, max_completion_length: int) -> tuple[int, ...]:
+    """The tree shape as a tuple, or a `ValueError` naming the problem: every level needs `b_d ≥ 1` children and the
+    last level needs at least one token of budget, `(D − 1)·M < max_completion_length`."""
+    shape = tuple(shape)
+    if not shape or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in shape):
+        raise ValueError(f"spo_tree_shape must be a non-empty list of integers >= 1 (children per level), got {shape}.")
+    if isinstance(segment_tokens, bool) or not isinstance(segment_tokens, int) or segment_tokens < 1:
+        raise ValueError(f"spo_tree_segment_tokens must be an integer >= 1, got {segment_tokens!r}.")
+    D = len(shape)
+    if (D - 1) * segment_tokens >= max_completion_length:
+        raise ValueError(
+            f"spo_tree_shape {list(shape)} has {D} levels of spo_tree_segment_tokens={segment_tokens} tokens: the "
+            f"first {D - 1} levels alone take {(D - 1) * segment_tokens} tokens, which leaves no budget for the last "
+            f"level within max_completion_length={max_completion_length}. Need (levels − 1) × "
+            "spo_tree_segment_tokens < max_completion_length: use fewer levels, shorter segments or a longer "
+            "max_completion_length."
+        )
+    return shape
+
+
+def _gather_continuations(
+    prefixes: list[list[int]],
+    budget: int,
+    backend: RolloutBackend,
+    collective: Collective,
+    eos: set[int],
+    logprobs: bool,
+    bar,
+) -> tuple[list[list[int]], list[list[float]] | None, int]:
+    """Continue every prefix once with the same budget, an equal share per process; every process gets all results
+    (token ids cut after the first EOS and at the budget, and their log-probs). Returns `(ids, logps, calls)`."""
+    R = len(prefixes)
+    ids_out: list[list[int] | None] = [None] * R
+    lps_out: list[list[float] | None] = [None] * R
+    calls = 0
+    world, rank = collective.world, collective.rank
+    for call in _plan_calls([budget] * R, backend, world):
+        mine = _share(call, rank, world)
+        size = math.ceil(len(call) / world)
+        # Equal-length lists on every process (server mode slices the gathered list by rank); pads are copies of a
+        # real request whose results are dropped.
+        padded = mine + [mine[-1] if mine else call[0]] * (size - len(mine))
+        conts, logps = backend.generate_with_logprobs([prefixes[f] for f in padded], [budget] * size, budget)
+        calls += 1
+        if len(conts) != size or (logps is not None and len(logps) != size):
+            raise RuntimeError(f"The rollout backend returned {len(conts)} continuations for {size} inputs.")
+        if logprobs and logps is None:
+            raise RuntimeError(
+                "The rollout backend returned no sampling log-probs, which the trainer needs with vLLM (importance "
+                "sampling correction, SPO cutpoints from the sampling log-probs)."
+            )
+        ids_t = torch.full((size, budget + 1), -1, dtype=torch.long)  # column 0: length
+        lps_t = torch.full((size, budget), math.nan, dtype=torch.float32)
+        for r, cont in enumerate(conts):
+            cont = list(cont)
+            cut = next((p + 1 for p, t in enumerate(cont) if t in eos), len(cont))
+            n = min(cut, budget)
+            ids_t[r, 0] = n
+            ids_t[r, 1 : n + 1] = torch.tensor(cont[:n], dtype=torch.long)
+            if logprobs:
+                lp = [math.nan if x is None else float(x) for x in logps[r][:n]]
+                lps_t[r, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        all_ids = collective.gather(ids_t)  # (W, size, budget + 1)
+        all_lps = collective.gather(lps_t) if logprobs else None
+        for w in range(world):
+            for j, f in enumerate(_share(call, w, world)):
+                n = int(all_ids[w, j, 0])
+                ids_out[f] = all_ids[w, j, 1 : n + 1].tolist()
+                lps_out[f] = all_lps[w, j, :n].tolist() if logprobs else None
+        if bar is not None:
+            bar.update(len(call))
+    return ids_out, (lps_out if logprobs else None), calls
+
+
+def run_tree_rollouts(
+    prompt_ids: Sequence[Sequence[int]],
+    shape: Sequence[int],
+    segment_tokens: int,
+    max_completion_length: int,
+    backend: RolloutBackend,
+    *,
+    eos_token_ids: Sequence[int],
+    collective: Collective | None = None,
+    logprobs: bool = False,
+    progress: bool = False,
+) -> TreeRollouts:
+    r"""
+    Sample one tree per prompt, level by level: level `d` continues every open node `b_d` times, with a budget of `M`
+    tokens for `d < D − 1` and `max_completion_length − (D−1)·M` for the last level. A child that ends with EOS,
+    stops short of its budget or reaches `max_completion_length` is a leaf; a child of exactly `M` tokens without EOS
+    is expanded at the next level. SPO-tree's sampler ([SPO](https://huggingface.co/papers/2505.23564) §5.1, spec
+    §9.3), a sibling of `run_mc_rollouts` with the same backends and the same per-process contract: every process
+    passes the same prompts, makes the same calls with equal-length request lists (an equal share of every level) and
+    ends with the same trees (one gather per call).
+
+    Args:
+        prompt_ids (`Sequence[Sequence[int]]`): one prompt per tree, as token ids (the same list on every process).
+        shape (`Sequence[int]`): `(b_0, …, b_{D−1})`, children per node at each level.
+        segment_tokens (`int`): `M`, new tokens per non-final segment.
+        max_completion_length (`int`): the horizon `L` of a root-to-leaf completion; `(D−1)·M < L`.
+        backend ([`RolloutBackend`]): generation with the training policy and sampling parameters.
+        eos_token_ids (`Sequence[int]`): a continuation ends after the first of them.
+        collective ([`Collective`], *optional*): rank, world size and a gather; single process when omitted.
+        logprobs (`bool`, *optional*): keep the sampling log-probs (the backend must report them: vLLM).
+        progress (`bool`, *optional*): a progress bar on the main process once sampling lasts over 5 s.
+
+    Returns:
+        [`TreeRollouts`].
+
+    Cost (no early leaf): `M·Σ_{d<D−1} Π_{j≤d} b_j + Π_d b_d·(L − (D−1)M)` tokens per tree, at most `L` per slot.
+    """
+    collective = collective or Collective()
+    shape = validate_tree_shape(shape, segment_tokens, max_completion_length)
+    D, M, L = len(shape), segment_tokens, max_completion_length
+    eos = set(eos_token_ids)
+    P = len(prompt_ids)
+    nodes: list[dict[tuple[int, ...], TreeNode]] = [{} for _ in range(P)]
+    prefix: dict[tuple[int, tuple[int, ...]], list[int]] = {(p, ()): [] for p in range(P)}
+    open_nodes = [(p, ()) for p in range(P)]
+    generated = calls = 0
+
+    bar = None
+    if progress and collective.is_main and P:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=P * shape[0], desc="SPO-tree rollouts", unit="rollout", delay=5.0, leave=False)
+    with torch.no_grad():
+        for d in range(D):
+            if not open_nodes:
+                break
+            budget = M if d < D - 1 else L - (D - 1) * M
+            requests = [(p, path + (c,)) for p, path in open_nodes for c in range(shape[d])]
+            if bar is not None and d > 0:
+                bar.total += len(requests)
+                bar.refresh()
+            conts, logps, n_calls = _gather_continuations(
+                [list(prompt_ids[p]) + prefix[(p, path[:-1])] for p, path in requests],
+                budget, backend, collective, eos, logprobs, bar,
+            )  # fmt: skip
+            calls += n_calls
+            open_nodes = []
+            for r, (p, path) in enumerate(requests):
+                cont = conts[r]
+                generated += len(cont)
+                ends = bool(cont) and cont[-1] in eos
+                length = len(prefix[(p, path[:-1])]) + len(cont)
+                expand = d < D - 1 and not ends and len(cont) == M and length < L
+                truncated = not expand and not ends and length >= L
+                nodes[p][path] = TreeNode(cont, logps[r] if logps is not None else None, not expand, truncated)
+                if expand:
+                    prefix[(p, path)] = prefix[(p, path[:-1])] + cont
+                    open_nodes.append((p, path))
+    if bar is not None:
+        bar.close()
+    return TreeRollouts(shape, M, nodes, generated_tokens=generated, backend_calls=calls)
 
 
 # ── a synthetic policy with exact values (tests, benchmarks) ───────────────────────────────────────────────────────

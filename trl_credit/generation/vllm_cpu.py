@@ -7,8 +7,10 @@ project's `specs/vllm-cpu.md`):
    (`'Parameter' object has no attribute 'weight_loader'`), and a tied `lm_head` can silently keep generating from a
    stale packed copy. `keep_live_linear_weights()` keeps plain weights consumed by `F.linear` on every ISA.
 2. TRL calls `LLM(...)` without `dtype`, `enforce_eager` or a KV-cache size: an fp32 checkpoint is downcast to bf16,
-   the model is compiled (slow on 2 cores) and the KV cache is sized from the machine's RAM. `apply_colocate()` fixes
-   all three through `functools.partial`.
+   the model is compiled (slow on 2 cores) and the KV cache is sized from the machine's RAM. `apply_colocate()` wraps
+   TRL's `LLM` with [`cpu_engine_kwargs`]: float32, eager mode, a KV cache sized for the generation batch
+   ([`auto_kv_cache_bytes`]), and chunked prefill off (vLLM-CPU 0.32 crashes with `RuntimeError: CPU Generator does
+   not use offset` when a request with its own `seed` is prefilled in chunks).
 3. Server mode syncs weights over NCCL only (CUDA). `apply_server_client()` syncs through a safetensors file and the
    dev-mode `/collective_rpc reload_weights` endpoint instead (same host only). Start the server with
    `python -m trl_credit.generation.vllm_cpu --model M --host 127.0.0.1 --port P ...` (same flags as `vllm serve`,
@@ -17,9 +19,14 @@ project's `specs/vllm-cpu.md`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
+
+
+logger = logging.getLogger(__name__)
 
 
 def is_vllm_cpu() -> bool:
@@ -51,19 +58,180 @@ def keep_live_linear_weights() -> None:
     vllm_layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keep_weights
 
 
-def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv_cache_mib: int = 64) -> None:
-    """Patches for `GRPOConfig(use_vllm=True, vllm_mode="colocate")` on CPU; call before building the trainer."""
+# vLLM's CPU attention backends allocate the KV cache in blocks of 128 tokens.
+_CPU_KV_BLOCK_TOKENS = 128
+# The automatic KV cache takes at most this share of the memory available when the engine is built.
+AUTO_KV_CACHE_MAX_FRACTION = 0.25
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def kv_bytes_per_token(model: str, dtype: str = "float32", trust_remote_code: bool = False) -> int:
+    """Bytes of KV cache one token takes in vLLM for the checkpoint `model`: 2 (K, V) × layers × KV heads × head dim
+    × element size (46,080 for SmolLM2-135M in float32: 30 layers × 3 KV heads × 64)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if dtype in (None, "auto"):
+        dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"Unknown vLLM dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}.")
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES[dtype]
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can still give out (`MemAvailable`), as vLLM's CPU worker measures it."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def auto_kv_cache_bytes(bytes_per_token: int, max_num_seqs: int, max_model_len: int,
+                        available: int | None = None) -> int:  # fmt: skip
+    """
+    KV cache for `max_num_seqs` sequences of `max_model_len` tokens at once (each rounded up to whole 128-token blocks),
+    at most `AUTO_KV_CACHE_MAX_FRACTION` of the available memory, and never less than one full-length sequence (vLLM
+    refuses to start below that).
+
+    Example:
+    ```python
+    >>> auto_kv_cache_bytes(46080, max_num_seqs=32, max_model_len=1024, available=24 * 2**30) / 2**30
+    1.40625
+    >>> auto_kv_cache_bytes(46080, max_num_seqs=32, max_model_len=1024, available=2 * 2**30) / 2**20  # memory-bound
+    512.0
+    ```
+    """
+    if bytes_per_token < 1 or max_num_seqs < 1 or max_model_len < 1:
+        raise ValueError(f"Need positive sizes, got {bytes_per_token=}, {max_num_seqs=}, {max_model_len=}.")
+    blocks_per_seq = -(-max_model_len // _CPU_KV_BLOCK_TOKENS)
+    one_seq = blocks_per_seq * _CPU_KV_BLOCK_TOKENS * bytes_per_token
+    wanted = max_num_seqs * one_seq
+    available = available_memory_bytes() if available is None else available
+    cap = int(AUTO_KV_CACHE_MAX_FRACTION * available) // 2**20 * 2**20
+    return max(one_seq, min(wanted, cap))
+
+
+def cpu_engine_kwargs(kwargs: dict, *, dtype: str | None = "float32", enforce_eager: bool = True,
+                      kv_cache_mib: int | None = None, max_num_seqs: int | None = None) -> dict:  # fmt: skip
+    """
+    `vllm.LLM` keyword arguments for vLLM's CPU build, completed from `kwargs` (which always win, except as said):
+
+    - `dtype` (float32: the trainer's precision; vLLM would downcast to bf16) and `enforce_eager` (no compilation,
+      slow on few cores), unless `kwargs` sets them;
+    - the KV cache: `kwargs["kv_cache_memory_bytes"]`, else `kv_cache_mib`, else vLLM's own `VLLM_CPU_KVCACHE_SPACE`
+      (GiB), else [`auto_kv_cache_bytes`] for `kwargs["max_num_seqs"]` (or `max_num_seqs`, or 256, vLLM's default)
+      sequences of `kwargs["max_model_len"]` (or the model's context length) tokens;
+    - chunked prefill off, with a token budget of at least one full sequence: vLLM-CPU 0.32 rewinds the random
+      generator of a request with its own `seed` after each partial prefill, which CPU generators cannot do
+      (`RuntimeError: CPU Generator does not use offset`). Without chunks, every sampled token draws once from its
+      request's generator, so seeded samples do not depend on the batching either.
+    """
+    out = dict(kwargs)
+    if dtype is not None and out.get("dtype") in (None, "auto"):
+        out["dtype"] = dtype
+    if enforce_eager:
+        out.setdefault("enforce_eager", True)
+    model = out.get("model")
+    max_model_len = out.get("max_model_len")
+    if max_model_len is None and model is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, trust_remote_code=bool(out.get("trust_remote_code")))
+        max_model_len = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if out.get("kv_cache_memory_bytes") is None:
+        env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        if kv_cache_mib is not None:
+            if kv_cache_mib < 1:
+                raise ValueError(f"kv_cache_mib must be >= 1 (MiB) or None (automatic), got {kv_cache_mib}.")
+            out["kv_cache_memory_bytes"] = int(kv_cache_mib) * 2**20
+            source = "set explicitly"
+        elif env:
+            source = f"VLLM_CPU_KVCACHE_SPACE={env} GiB"  # vLLM's CPU platform reads it itself
+        elif model is not None and max_model_len is not None:
+            seqs = out.get("max_num_seqs") or max_num_seqs or 256
+            per_token = kv_bytes_per_token(model, out.get("dtype") or "float32", bool(out.get("trust_remote_code")))
+            out["kv_cache_memory_bytes"] = auto_kv_cache_bytes(per_token, seqs, max_model_len)
+            source = f"auto: {seqs} sequences x {max_model_len} tokens x {per_token / 1024:.0f} KiB, capped at " \
+                     f"{AUTO_KV_CACHE_MAX_FRACTION:.0%} of available memory"  # fmt: skip
+        else:
+            source = "vLLM default"
+        if out.get("kv_cache_memory_bytes") is not None:
+            logger.info("vLLM-CPU KV cache: %.2f GiB (%s).", out["kv_cache_memory_bytes"] / 2**30, source)
+    out.setdefault("enable_chunked_prefill", False)
+    if not out["enable_chunked_prefill"] and max_model_len is not None:
+        out["max_num_batched_tokens"] = max(out.get("max_num_batched_tokens") or 2048, max_model_len)
+    return out
+
+
+@contextlib.contextmanager
+def _explicit_kv_cache_wins(kwargs: dict):
+    """vLLM's CPU platform replaces `kv_cache_memory_bytes` by `VLLM_CPU_KVCACHE_SPACE` when both are set; hide the
+    environment variable while building an engine whose size was set explicitly."""
+    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if saved is None or kwargs.get("kv_cache_memory_bytes") is None:
+        yield
+        return
+    del os.environ["VLLM_CPU_KVCACHE_SPACE"]
+    try:
+        yield
+    finally:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+def build_cpu_llm(*args, llm_cls=None, settings: dict | None = None, **kwargs):
+    """`llm_cls(*args, **cpu_engine_kwargs(kwargs, **settings))` (default class: `vllm.LLM`), keeping this process's
+    `torch.set_num_threads` and thread count (vLLM's in-process CPU worker replaces the function with a no-op)."""
+    import torch
+
+    if llm_cls is None:
+        import vllm
+
+        llm_cls = vllm.LLM
+    kwargs = cpu_engine_kwargs(kwargs, **(settings or {}))
+    set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        with _explicit_kv_cache_wins(kwargs):
+            return llm_cls(*args, **kwargs)
+    finally:
+        torch.set_num_threads = set_num_threads
+        if torch.get_num_threads() != num_threads:
+            torch.set_num_threads(num_threads)
+
+
+def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv_cache_mib: int | None = None) -> None:
+    """
+    Patches for `GRPOConfig(use_vllm=True, vllm_mode="colocate")` on CPU; call before building the trainer
+    (`trl-credit train` does). TRL's `LLM(...)` call then goes through [`build_cpu_llm`] with these settings; calling
+    again replaces the settings.
+
+    Args:
+        dtype (`str` or `None`, *optional*, defaults to `"float32"`):
+            Engine precision (`None`: vLLM's choice, bf16 for an fp32 checkpoint).
+        enforce_eager (`bool`, *optional*, defaults to `True`):
+            No torch.compile of the model.
+        kv_cache_mib (`int` or `None`, *optional*):
+            KV cache size (the config field `vllm_cpu_kv_cache_mib`). `None`: `VLLM_CPU_KVCACHE_SPACE` (GiB) if set,
+            else sized for TRL's `max_num_seqs` (the generation batch) × `vllm_max_model_length` tokens, at most a
+            quarter of the available memory ([`auto_kv_cache_bytes`]).
+    """
+    if kv_cache_mib is not None and kv_cache_mib < 1:
+        raise ValueError(f"kv_cache_mib must be >= 1 (MiB) or None (automatic), got {kv_cache_mib}.")
     keep_live_linear_weights()
     import trl.generation.vllm_generation as trl_vllm_generation
-    import vllm
 
-    extra = {"kv_cache_memory_bytes": kv_cache_mib * 2**20} if kv_cache_mib else {}
-    if dtype is not None:
-        extra["dtype"] = dtype
-    if enforce_eager:
-        extra["enforce_eager"] = True
-    if extra and not isinstance(trl_vllm_generation.LLM, functools.partial):
-        trl_vllm_generation.LLM = functools.partial(vllm.LLM, **extra)
+    current = trl_vllm_generation.LLM
+    original = getattr(current, "_trl_credit_original", current)
+    settings = {"dtype": dtype, "enforce_eager": enforce_eager, "kv_cache_mib": kv_cache_mib}
+
+    @functools.wraps(original, updated=())
+    def LLM(*args, **kwargs):  # noqa: N802  (stands in for the class vllm.LLM)
+        return build_cpu_llm(*args, llm_cls=original, settings=settings, **kwargs)
+
+    LLM._trl_credit_original = original
+    LLM._trl_credit_settings = settings
+    trl_vllm_generation.LLM = LLM
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 

@@ -2,7 +2,9 @@
 
 Orchestration only; the math lives in `trl_credit.credit`. The seam (TRL has no advantage hook, huggingface/trl#4525):
 
-1. `_calculate_rewards` calls TRL's and keeps the gathered `(N, n_funcs)` rewards;
+1. `_calculate_rewards` calls TRL's, turns every reward that is not a finite number into `NaN` (unscorable, as a
+   reward function returning `None`; one rule for TRL's own advantage and logs and for every estimator) and keeps the
+   gathered `(N, n_funcs)` rewards;
 2. `_generate_and_score_completions` calls TRL's, gathers the generation batch across ranks (a prompt's group may
    straddle two ranks), builds a `CreditBatch`, runs the configured estimator, slices this rank's rows back, and
    replaces `out["advantages"]` (`(B,)` or `(B, T)`; TRL's `_compute_loss` broadcasts both);
@@ -13,7 +15,9 @@ With `advantage_estimator="grpo"` the result is identical to `trl.GRPOTrainer` (
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,15 +27,19 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 from .._compat import check_trl_compatibility
 from ..configs import GRPOConfig
 from ..credit import CreditBatch, CreditOutput, call_estimator, get_advantage_estimator
+from ..credit.batch import nonfinite_rewards_to_nan
+from ..rewards.checks import validated_reward_funcs
 from .macro_actions import MacroActionMixin
 from .monte_carlo import VinePPOMixin
+from .spo import SPOMixin
+from .spo_tree import SPOTreeMixin
 from .token_weights import TokenWeightingMixin
 
 
 check_trl_compatibility()
 
 
-class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOTrainer):
+class GRPOTrainer(SPOTreeMixin, SPOMixin, VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOTrainer):
     """
     Drop-in replacement for [`trl.GRPOTrainer`] with token-level credit assignment. Same constructor; `args` is a
     [`trl_credit.GRPOConfig`], whose `advantage_estimator` selects the estimator (`"grpo"`, `"tempo"`, `"gigpo"`, …).
@@ -79,8 +87,14 @@ class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOT
                 f"args must be a trl_credit.GRPOConfig (got {type(args).__module__}.{type(args).__name__}): use "
                 "`from trl_credit import GRPOConfig`; it accepts every trl.GRPOConfig option plus the credit fields."
             )
+        if args.reward_weights is not None and not all(math.isfinite(w) for w in args.reward_weights):
+            raise ValueError(
+                f"reward_weights must be finite numbers, got {args.reward_weights}: an infinite weight makes every "
+                "weighted reward non-finite, hence every completion unscorable."
+            )
         self.credit_estimator = get_advantage_estimator(args.advantage_estimator)
         self._credit_ctx: dict[str, Any] | None = None
+        self._warned_nonfinite_rewards = False
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -102,7 +116,9 @@ class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOT
 
     # ── seam 1: keep the gathered rewards ──────────────────────────────────────────────────────────────────────────
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        with validated_reward_funcs(self):  # a reward that is not a number: an error naming the function
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards_per_func = self._unscorable_nonfinite(rewards_per_func)
         self._credit_ctx = {
             "inputs": inputs,
             "prompts": prompts,
@@ -111,6 +127,24 @@ class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOT
             "rewards_per_func": rewards_per_func,
         }
         return rewards_per_func
+
+    def _unscorable_nonfinite(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """±inf rewards (and completions whose weighted reward overflows) → `NaN`, before TRL's advantage, TRL's reward
+        logs and every estimator see them; counted in `credit/nonfinite_rewards` (values over the global batch)."""
+        sanitized, replaced = nonfinite_rewards_to_nan(rewards_per_func, self.reward_weights)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["credit/nonfinite_rewards"].append(float(replaced))
+        if replaced and not self._warned_nonfinite_rewards:
+            self._warned_nonfinite_rewards = True
+            per_func = (torch.isnan(sanitized) & ~torch.isnan(rewards_per_func)).sum(0).tolist()
+            names = [name for name, k in zip(self.reward_func_names, per_func, strict=True) if k]
+            warnings.warn(
+                f"{replaced} reward value(s) from {names} were not finite numbers (±inf, or a weighted sum that "
+                "overflows): each is treated like a reward function returning None, and a completion left with no "
+                "finite reward is unscorable (advantage 0). Counted in credit/nonfinite_rewards; shown once.",
+                stacklevel=2,
+            )
+        return sanitized
 
     # ── seam 2: replace the advantages ─────────────────────────────────────────────────────────────────────────────
     def _generate_and_score_completions(self, inputs):
@@ -136,14 +170,19 @@ class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOT
             batch_fields.update(self._credit_requirement(requirement, out, ctx, batch_fields))
         batch = CreditBatch(**batch_fields)
 
-        # ── the estimator, on the global batch ──
+        # ── the estimator, on the global batch (its output is validated: shape, dtype, finite on loss tokens) ──
         result = call_estimator(self.credit_estimator, batch, self.args)
-        advantages = torch.nan_to_num(result.advantages.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        advantages = result.advantages.to(torch.float32)
+        # Exactly 0 outside the loss mask (whatever the estimator left there), so that `0 · NaN` never reaches the loss.
+        in_loss = batch.mask > 0 if advantages.dim() == 2 else (batch.mask > 0).any(dim=1)
+        advantages = torch.where(in_loss, advantages, torch.zeros_like(advantages))
 
         # ── back to this rank's rows and columns, then per-completion transforms (token weights) ──
         local = advantages[rows]
         if local.dim() == 2:
             local = local[:, :T]
+        if result.loss_mask is not None:  # the estimator's loss mask joins TRL's before token weights see it
+            self._apply_credit_loss_mask(out, result.loss_mask[rows, :T])
         loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
         local = self._credit_local_postprocess(local, out, ctx)
         if local.dim() == 2:
@@ -152,6 +191,19 @@ class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOT
         if result.returns is not None:
             out["returns"] = result.returns[rows, :T].to(torch.float32)
         self._log_credit(local, loss_mask, result)
+
+    def _apply_credit_loss_mask(self, out: dict[str, Any], loss_mask: torch.Tensor) -> None:
+        """
+        Multiply an estimator's `CreditOutput.loss_mask` (this rank's rows) into TRL's loss mask. TRL 1.16's
+        `_compute_loss` uses `completion_mask * tool_mask` for the surrogate, the `beta` KL term and every normalizer
+        (`grpo`/`sapo`/`bnpo` mask sums, `dapo`/`cispo`/`vespo` `num_items_in_batch`), so a token with weight 0
+        leaves all of them; `num_items_in_batch` is recomputed as the global sum of the new mask, as TRL computes it.
+        """
+        weights = loss_mask.to(device=out["completion_mask"].device, dtype=torch.float32)
+        tool_mask = out.get("tool_mask")
+        out["tool_mask"] = weights if tool_mask is None else tool_mask * weights
+        new_mask = out["completion_mask"] * out["tool_mask"]
+        out["num_items_in_batch"] = self.accelerator.gather(new_mask.sum()).sum()
 
     def _credit_batch_fields(self, out: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         """The `CreditBatch` fields every estimator gets, over the global batch in TRL's row order."""
@@ -164,13 +216,29 @@ class GRPOTrainer(VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOT
         loss_mask = completion_mask if "tool_mask" not in out else completion_mask * out["tool_mask"]
         return {
             "completion_ids": self._gather_rows(out["completion_ids"], self._tokenizer.pad_token_id),
-            "completion_mask": self._gather_rows(completion_mask, 0),
+            "completion_mask": self._gather_rows(self._generated_mask(out, ctx), 0),
             "loss_mask": self._gather_rows(loss_mask, 0),
             "rewards": rewards,
             "num_generations": self.num_generations,
             "rewards_per_func": rewards_per_func,
             "reward_weights": weights,
         }
+
+    @staticmethod
+    def _generated_mask(out: dict[str, Any], ctx: dict[str, Any]) -> torch.Tensor:
+        """
+        `(B, T)`: 1 on every generated token (EOS included) from the real completion lengths. TRL's `completion_mask`
+        is all zeros for truncated rows under `mask_truncated_completions=True`: that is a loss mask, and a truncated
+        completion still shares its prefix with its group (prefix trees, segments); the loss mask stays TRL's.
+        """
+        mask = out["completion_mask"]
+        lengths = torch.tensor([len(ids) for ids in ctx["completion_ids_list"]], device=mask.device)
+        if lengths.numel() != mask.size(0) or bool((lengths > mask.size(1)).any()):
+            raise RuntimeError(
+                f"The generated completion lengths {lengths.tolist()} do not fit the padded completions of shape "
+                f"{tuple(mask.shape)}."
+            )
+        return (torch.arange(mask.size(1), device=mask.device)[None, :] < lengths[:, None]).to(mask.dtype)
 
     def _gather_rows(self, tensor: torch.Tensor, pad_value) -> torch.Tensor:
         """`(B, T_local)` on every rank → `(B·world, T_max)` in rank order (right-padded with `pad_value`)."""

@@ -11,8 +11,9 @@ step (so the generation backend already holds this step's weights):
 3. plan the unique states and sample their Monte-Carlo continuations (`trl_credit.generation.rollouts`), every
    process taking an equal share of every backend call; score them by calling the reward functions directly on this
    thread;
-4. return `segment_ids (N, T)` and per-row `segment_values (N, S)` (interpolated for strided boundaries); the
-   `"vineppo"` estimator turns them into advantages.
+4. return `segment_ids (N, T)`, per-row `segment_values (N, S)` (interpolated for strided boundaries) and the
+   `rewards (N,)` the values are compared with: a completion that reached `max_completion_length` without EOS gets
+   `vine_truncation_penalty`, as a truncated rollout does; the `"vineppo"` estimator turns them into advantages.
 
 Tools, environments and `rollout_func` are rejected with VinePPO: a continuation would have to replay the tool loop.
 """
@@ -28,13 +29,14 @@ import torch
 from torch import nn
 
 from ..credit import vineppo as _vineppo  # noqa: F401  (registers the "vineppo" estimator)
+from ..credit.batch import nonfinite_rewards_to_nan
 from ..credit.steps import (
     boundaries_to_segment_ids,
     estimated_state_mask,
     segment_completions,
     segment_ids_to_boundaries,
 )
-from ..credit.vineppo import interpolate_state_values
+from ..credit.vineppo import apply_truncation_penalty, interpolate_state_values
 from ..generation.rollouts import (
     AccelerateCollective,
     VinePlan,
@@ -58,7 +60,8 @@ class VinePPOMixin(CreditHooks):
     Logged under `credit/`: `mc_unique_states`, `mc_rollouts`, `mc_generated_tokens`, `mc_tokens_ratio` (rollout
     tokens per token of the group completions), `mc_truncation_rate`, `mc_value_mean`, `mc_backend_calls`,
     `mc_time_s`, `mc_time_share` (share of the optimizer step's wall time spent in rollouts and their scoring),
-    `mc_free_samples` (tree reuse), `mc_stopped_early` (adaptive K), `parse_failed` (splitter fallbacks).
+    `mc_free_samples` (tree reuse), `mc_stopped_early` (adaptive K), `parse_failed` (splitter fallbacks),
+    `vine_truncated_completions` (share of training completions scored `vine_truncation_penalty`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -136,7 +139,18 @@ class VinePPOMixin(CreditHooks):
         if len(rows) != N:
             raise RuntimeError(f"Gathered {len(rows)} rows for a credit batch of {N} completions.")
         G = batch_fields["num_generations"]
-        rewards = batch_fields["rewards"].detach().cpu().to(torch.float64)
+        # One rule for every sample of a value: a completion that reaches the horizon without EOS is worth
+        # vine_truncation_penalty, a truncated training completion as much as a truncated rollout (otherwise
+        # A_{S-1} = r − V̂ compares the reward function's score with the penalty).
+        rewards, truncated = apply_truncation_penalty(
+            batch_fields["rewards"].detach().cpu().to(torch.float64),
+            [r["completion_ids"] for r in rows],
+            args.max_completion_length,
+            self.eos_token_ids,
+            args.vine_truncation_penalty,
+        )
+        # Later requirements and subclasses read the same outcomes; the trainer also merges the returned field.
+        batch_fields["rewards"] = rewards.to(batch_fields["rewards"].dtype).to(batch_fields["rewards"].device)
         loss_mask = batch_fields["loss_mask"].cpu()
         active = ((loss_mask.sum(dim=1) > 0) & ~torch.isnan(rewards)).tolist()
 
@@ -165,6 +179,9 @@ class VinePPOMixin(CreditHooks):
         num_segments = (segment_ids.max(dim=1).values + 1).clamp(min=0)
         S = max(int(num_segments.max()), 1)
         estimated, interpolated = estimated_state_mask(num_segments, S, args.vine_max_steps, args.vine_boundary_stride)
+        if batch_fields.get("estimated_states") is not None:  # the segmentation chose its states (SPO's cutpoints)
+            chosen = batch_fields["estimated_states"].cpu().bool()
+            estimated = estimated & torch.nn.functional.pad(chosen, (0, max(S - chosen.size(1), 0)))[:, :S]
 
         # ── Monte-Carlo rollouts of the unique states ──
         plan = VinePlan(
@@ -211,12 +228,17 @@ class VinePPOMixin(CreditHooks):
         metrics["credit/mc_backend_calls"].append(float(stats.backend_calls))
         metrics["credit/mc_time_s"].append(elapsed)
         metrics["credit/parse_failed"].append(float(parse_failed))
+        metrics["credit/vine_truncated_completions"].append(float(truncated.float().mean()) if N else 0.0)
         if args.vine_tree_reuse:
             free = sum(max(len(s.members) - 1, 0) for s in plan.states)
             metrics["credit/mc_free_samples"].append(float(free))
         if args.vine_adaptive_k:
             metrics["credit/mc_stopped_early"].append(float(stats.stopped_early))
-        return {"segment_ids": segment_ids, "segment_values": values.to(torch.float32)}
+        return {
+            "segment_ids": segment_ids,
+            "segment_values": values.to(torch.float32),
+            "rewards": batch_fields["rewards"],
+        }
 
     @staticmethod
     def _vine_group_keys(rows: list[dict], G: int) -> list[int]:
@@ -303,6 +325,7 @@ class VinePPOMixin(CreditHooks):
                 )
             rewards[:, i] = torch.tensor([math.nan if r is None else float(r) for r in output], dtype=torch.float32)
         weights = self.reward_weights.detach().cpu().to(torch.float32)
+        rewards, _ = nonfinite_rewards_to_nan(rewards, weights)  # the trainer's rule: ±inf is unscorable (NaN)
         total = (rewards * weights[None, :]).nansum(dim=1)
         total[torch.isnan(rewards).all(dim=1)] = math.nan
         return total.tolist()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from .grpo import GRPOTrainer
 
 VALUE_MODEL_DIR = "value_model"  # the critic is saved beside the policy, in <output_dir>/value_model
 VALUE_ADAPTER_NAME = "value"  # PEFT saves a non-default adapter in a sub-folder, <output_dir>/value_model/value
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
 class ValueModel(nn.Module):
@@ -67,6 +69,30 @@ class ValueModel(nn.Module):
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return inner.score(hidden).squeeze(-1)
+
+
+def tokenizer_differences(policy, critic, limit: int = 3) -> list[str]:
+    """
+    How the critic's tokenizer differs from the policy's, as readable lines (empty when they agree): vocabulary size,
+    tokens mapped to other ids, and the policy's special tokens that the critic lacks or maps to another id. Special
+    tokens' roles (which one is `pad`, `eos`) may differ: the critic reads ids, not roles.
+    """
+    policy_vocab, critic_vocab = policy.get_vocab(), critic.get_vocab()
+    problems = []
+    if len(policy_vocab) != len(critic_vocab):
+        problems.append(f"{len(critic_vocab)} tokens in the critic's vocabulary, {len(policy_vocab)} in the policy's")
+    moved = [(t, i, critic_vocab.get(t)) for t, i in sorted(policy_vocab.items(), key=lambda x: x[1])
+             if critic_vocab.get(t) != i]  # fmt: skip
+    if moved:
+        examples = ", ".join(
+            f"{t!r}: {i} for the policy, {'absent' if c is None else c} for the critic" for t, i, c in moved[:limit]
+        )
+        more = ", …" if len(moved) > limit else ""
+        problems.append(f"{len(moved)} of the policy's tokens are absent or have another id ({examples}{more})")
+    special = [t for t in policy.all_special_tokens if critic_vocab.get(t) != policy_vocab.get(t)]
+    if special:
+        problems.append(f"the policy's special tokens {special} are missing or have other ids in the critic's")
+    return problems
 
 
 class _ZeroCriticGradients(TrainerCallback):
@@ -184,6 +210,7 @@ class PPOTrainer(GRPOTrainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
                 critic = self._build_critic(critic_source, value_peft_config)
+            self._check_critic_vocabulary(critic_source, critic)
             self.value_model = self.accelerator.prepare_model(ValueModel(critic))
             self.add_callback(_ZeroCriticGradients(self.value_model))
         if args.kl_coef != 0.0:
@@ -263,6 +290,60 @@ class PPOTrainer(GRPOTrainer):
                 critic.enable_input_require_grads()
         critic.train()
         return critic
+
+    def _check_critic_vocabulary(self, source: tuple[str, Any], critic: nn.Module) -> None:
+        """
+        The critic reads the policy's token ids, so it must share the policy's tokenizer: another vocabulary makes its
+        inputs meaningless (same size) or out of range (smaller: an `IndexError` at the first critic forward). Refuse
+        a mismatch here, comparing the critic checkpoint's tokenizer (vocabulary and special tokens) with the policy's;
+        when the critic has no tokenizer to compare, check that its embeddings cover the policy's vocabulary and warn.
+        """
+        kind, payload = source
+        if kind in ("policy_path", "policy_module"):
+            return  # the policy's own weights, hence its tokenizer
+        inner = critic.get_base_model() if is_peft_model(critic) else critic
+        name = payload if kind == "path" else getattr(inner.config, "_name_or_path", "") or ""
+        described = f"value_model {name!r}" if name else "the value_model module"
+        critic_tokenizer = self._critic_tokenizer(name, local_only=kind == "module")
+        policy_tokenizer = self._tokenizer
+        if critic_tokenizer is not None:
+            problems = tokenizer_differences(policy_tokenizer, critic_tokenizer)
+            if problems:
+                raise ValueError(
+                    f"The critic's tokenizer ({described}) differs from the policy's: {'; '.join(problems)}. The "
+                    "critic reads the policy's token ids, so it must share the policy's tokenizer: use a critic "
+                    "trained with the policy's tokenizer (e.g. a reward model fine-tuned from the same base), or leave "
+                    "value_model unset to start the critic from the policy."
+                )
+        num_embeddings = inner.get_input_embeddings().num_embeddings
+        if num_embeddings < len(policy_tokenizer):
+            raise ValueError(
+                f"The critic ({described}) embeds {num_embeddings} token ids but the policy's tokenizer has "
+                f"{len(policy_tokenizer)}: the critic cannot read the policy's completions. Use a critic that shares "
+                "the policy's tokenizer, or leave value_model unset to start the critic from the policy."
+            )
+        if critic_tokenizer is None:
+            warnings.warn(
+                f"Could not load a tokenizer for {described} to check that it shares the policy's vocabulary (its "
+                f"embeddings cover the policy's {len(policy_tokenizer)} token ids). The critic reads the policy's "
+                "token ids: make sure it was trained with the policy's tokenizer.",
+                stacklevel=3,
+            )
+
+    def _critic_tokenizer(self, name: str, local_only: bool):
+        """The tokenizer saved with the critic checkpoint `name`, or `None` when there is none to load."""
+        from transformers import AutoTokenizer
+
+        if not name or (local_only and not os.path.isdir(name)):
+            return None
+        if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+            return None  # a checkpoint saved without its tokenizer (transformers would build an empty one)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=self.args.trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        # A repository without tokenizer files yields a tokenizer holding only its special tokens.
+        return tokenizer if len(tokenizer.get_vocab()) > len(tokenizer.all_special_tokens) else None
 
     @staticmethod
     def _zero_score_head(critic: PreTrainedModel) -> None:
@@ -370,6 +451,13 @@ class PPOTrainer(GRPOTrainer):
                     self.model, input_ids, attention_mask, T, batch_size=chunk
                 )
         return logps.float()
+
+    def _macro_reference_logps(self, out: dict[str, Any]) -> torch.Tensor | None:
+        # Perplexity macros read the reference log-probs of the KL penalty (MA-RLHF): computed once here, kept in
+        # `out` under TRL's key, where the "critic_values" requirement finds them (segments are prepared first).
+        if out.get("ref_per_token_logps") is None and self.args.kl_coef != 0.0:
+            out["ref_per_token_logps"] = self._reference_logps(out)
+        return super()._macro_reference_logps(out)
 
     def _credit_batch_fields(self, out: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         fields = super()._credit_batch_fields(out, ctx)

@@ -1,0 +1,216 @@
+"""vLLM's CPU build: the KV cache size of the colocated engine (config field, `VLLM_CPU_KVCACHE_SPACE`, automatic size
+from the generation batch), chunked prefill off for seeded requests, the CPU defaults of `GRPOConfig` (importance
+sampling and sleep mode off), and `trl-credit eval`'s `max_model_len` from the prompts. The engines themselves run in
+`tests/test_real_model.py` (real prompt lengths) and the vLLM tests on the tiny model."""
+
+import dataclasses
+import logging
+
+import pytest
+
+from trl_credit import GRPOConfig, PPOConfig
+from trl_credit.configs import vllm_cpu as cfg_cpu
+from trl_credit.generation import vllm_cpu
+from trl_credit.generation.vllm_cpu import auto_kv_cache_bytes, cpu_engine_kwargs, kv_bytes_per_token
+
+
+GiB, MiB = 2**30, 2**20
+SMOLLM2_PER_TOKEN = 2 * 30 * 3 * 64 * 4
+
+
+def config(**kw):
+    return GRPOConfig(output_dir="/tmp/trl_credit_cfg", use_cpu=True, bf16=False, report_to="none", **kw)
+
+
+# ── KV cache size ──────────────────────────────────────────────────────────────────────────────────────────────────
+def test_auto_kv_cache_holds_the_batch_at_full_length_within_a_quarter_of_free_memory():
+    # 32 sequences × 1,024 tokens of SmolLM2 in fp32: 1.41 GiB, the size that decodes 2.8× faster than 64 MiB
+    assert auto_kv_cache_bytes(SMOLLM2_PER_TOKEN, 32, 1024, available=24 * GiB) == 32 * 1024 * SMOLLM2_PER_TOKEN
+    # lengths round up to vLLM-CPU's 128-token blocks
+    assert auto_kv_cache_bytes(SMOLLM2_PER_TOKEN, 4, 200, available=24 * GiB) == 4 * 256 * SMOLLM2_PER_TOKEN
+    # memory-bound: a quarter of what is free, in whole MiB
+    assert auto_kv_cache_bytes(SMOLLM2_PER_TOKEN, 32, 1024, available=2 * GiB) == 512 * MiB
+    # never below one full-length sequence, which vLLM needs to start at all
+    assert auto_kv_cache_bytes(SMOLLM2_PER_TOKEN, 32, 8192, available=1 * GiB) == 8192 * SMOLLM2_PER_TOKEN
+
+
+@pytest.mark.parametrize("bad", [dict(bytes_per_token=0), dict(max_num_seqs=0), dict(max_model_len=-1)])
+def test_auto_kv_cache_rejects_non_positive_sizes(bad):
+    kw = dict(bytes_per_token=SMOLLM2_PER_TOKEN, max_num_seqs=4, max_model_len=256, available=GiB) | bad
+    with pytest.raises(ValueError, match="positive sizes"):
+        auto_kv_cache_bytes(**kw)
+
+
+def test_kv_bytes_per_token_reads_layers_kv_heads_and_head_dim(tiny_model_dir):
+    # the tiny Qwen2: 2 layers, 1 KV head of dim 64; K and V; 4 bytes in fp32, 2 in bf16
+    assert kv_bytes_per_token(tiny_model_dir) == 2 * 2 * 1 * 64 * 4
+    assert kv_bytes_per_token(tiny_model_dir, "bfloat16") == 2 * 2 * 1 * 64 * 2
+    with pytest.raises(ValueError, match="Unknown vLLM dtype"):
+        kv_bytes_per_token(tiny_model_dir, "int3")
+
+
+def test_engine_kwargs_kv_cache_precedence_explicit_then_env_then_auto(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_cpu, "available_memory_bytes", lambda: 24 * GiB)
+    base = {"model": tiny_model_dir, "max_model_len": 256, "max_num_seqs": 8}
+    auto = cpu_engine_kwargs(base)
+    assert auto["kv_cache_memory_bytes"] == 8 * 256 * kv_bytes_per_token(tiny_model_dir)
+    assert cpu_engine_kwargs(base, kv_cache_mib=96)["kv_cache_memory_bytes"] == 96 * MiB
+    assert cpu_engine_kwargs({**base, "kv_cache_memory_bytes": 5 * MiB}, kv_cache_mib=96)["kv_cache_memory_bytes"] == (
+        5 * MiB
+    )
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own variable (GiB): left for vLLM to apply
+    assert "kv_cache_memory_bytes" not in cpu_engine_kwargs(base)
+    assert cpu_engine_kwargs(base, kv_cache_mib=96)["kv_cache_memory_bytes"] == 96 * MiB
+    with pytest.raises(ValueError, match="kv_cache_mib must be >= 1"):
+        cpu_engine_kwargs(base, kv_cache_mib=0)
+
+
+def test_engine_kwargs_without_max_model_len_size_for_the_model_context(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_cpu, "available_memory_bytes", lambda: 24 * GiB)
+    out = cpu_engine_kwargs({"model": tiny_model_dir, "max_model_len": None, "max_num_seqs": 2})
+    assert out["kv_cache_memory_bytes"] == 2 * 1024 * kv_bytes_per_token(tiny_model_dir)  # context 1,024
+    assert out["max_num_batched_tokens"] >= 1024
+
+
+def test_explicit_kv_cache_hides_the_environment_variable_only_while_building(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    seen = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            import os
+
+            seen.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+
+    vllm_cpu.build_cpu_llm(llm_cls=FakeLLM, kv_cache_memory_bytes=MiB, max_model_len=16)
+    vllm_cpu.build_cpu_llm(llm_cls=FakeLLM, max_model_len=16)
+    import os
+
+    assert seen == [None, "3"] and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+# ── chunked prefill (seeded requests) ──────────────────────────────────────────────────────────────────────────────
+def test_engine_kwargs_turn_chunked_prefill_off_with_a_budget_of_one_full_sequence(tiny_model_dir):
+    out = cpu_engine_kwargs({"model": tiny_model_dir, "max_model_len": 4096, "max_num_batched_tokens": 2048})
+    assert out["enable_chunked_prefill"] is False and out["max_num_batched_tokens"] == 4096
+    out = cpu_engine_kwargs({"model": tiny_model_dir, "max_model_len": 256})
+    assert out["max_num_batched_tokens"] == 2048 and out["dtype"] == "float32" and out["enforce_eager"] is True
+    kept = cpu_engine_kwargs({"model": tiny_model_dir, "max_model_len": 256, "dtype": "bfloat16",
+                              "enable_chunked_prefill": True})  # fmt: skip
+    assert kept["dtype"] == "bfloat16" and kept["enable_chunked_prefill"] is True
+
+
+@pytest.mark.vllm
+def test_apply_colocate_wraps_trls_llm_once_and_a_second_call_replaces_the_settings(vllm_cpu_colocate, tiny_model_dir,
+                                                                                     monkeypatch):  # fmt: skip
+    import trl.generation.vllm_generation as tvg
+
+    calls = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(tvg, "LLM", FakeLLM)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    vllm_cpu.apply_colocate(kv_cache_mib=48)
+    vllm_cpu.apply_colocate(kv_cache_mib=80)
+    assert tvg.LLM._trl_credit_original is FakeLLM
+    # TRL's call (vllm_generation.py): max_num_batched_tokens=4096 and the config's max model length
+    tvg.LLM(model=tiny_model_dir, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=4096)
+    assert calls[-1]["kv_cache_memory_bytes"] == 80 * MiB and calls[-1]["enable_chunked_prefill"] is False
+    assert calls[-1]["dtype"] == "float32" and calls[-1]["max_num_batched_tokens"] == 4096
+    with pytest.raises(ValueError, match="kv_cache_mib must be >= 1"):
+        vllm_cpu.apply_colocate(kv_cache_mib=-5)
+
+
+def test_trl_credit_train_passes_the_kv_cache_field_to_the_colocated_engine(monkeypatch):
+    from trl_credit import train as train_module
+
+    seen = {}
+    monkeypatch.setattr(vllm_cpu, "is_vllm_cpu", lambda: True)
+    monkeypatch.setattr(vllm_cpu, "apply_colocate", lambda **kw: seen.update(kw))
+    train_module._prepare_vllm_on_cpu(config(use_vllm=True, vllm_cpu_kv_cache_mib=1536))
+    assert seen == {"kv_cache_mib": 1536}
+
+
+# ── GRPOConfig defaults on a CPU build ─────────────────────────────────────────────────────────────────────────────
+def test_cpu_build_turns_importance_sampling_off_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(cfg_cpu, "vllm_cpu_build_installed", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="trl_credit.configs.vllm_cpu"):
+        args = config(use_vllm=True)
+    assert args.vllm_importance_sampling_correction is False
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "vllm_importance_sampling_correction defaults to False" in caplog.records[0].message
+    assert config(use_vllm=True, vllm_importance_sampling_correction=True).vllm_importance_sampling_correction is True
+    assert PPOConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, use_vllm=True).vllm_importance_sampling_correction \
+        is False  # fmt: skip
+
+
+def test_importance_sampling_keeps_trls_default_on_gpu_builds_and_without_vllm(monkeypatch):
+    monkeypatch.setattr(cfg_cpu, "vllm_cpu_build_installed", lambda: False)
+    assert config(use_vllm=True).vllm_importance_sampling_correction is True
+    monkeypatch.setattr(cfg_cpu, "vllm_cpu_build_installed", lambda: True)
+    assert config(use_vllm=False).vllm_importance_sampling_correction is True
+    # TRL's own check still sees the resolved value
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):
+        config(use_vllm=False, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=None,
+               vllm_importance_sampling_clip_max=None)  # fmt: skip
+
+
+def test_cpu_build_turns_sleep_mode_off_with_a_warning_naming_the_flag(monkeypatch, caplog):
+    monkeypatch.setattr(cfg_cpu, "vllm_cpu_build_installed", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="trl_credit.configs.vllm_cpu"):
+        args = config(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True)
+    assert args.vllm_enable_sleep_mode is False
+    assert any("vllm_enable_sleep_mode=True is a GPU feature" in r.message for r in caplog.records)
+    monkeypatch.setattr(cfg_cpu, "vllm_cpu_build_installed", lambda: False)
+    assert config(use_vllm=True, vllm_enable_sleep_mode=True).vllm_enable_sleep_mode is True
+
+
+@pytest.mark.parametrize("bad", [0, -64])
+def test_kv_cache_field_rejects_non_positive_sizes(bad):
+    with pytest.raises(ValueError, match="vllm_cpu_kv_cache_mib must be a positive number of MiB"):
+        config(vllm_cpu_kv_cache_mib=bad)
+
+
+def test_new_fields_have_help_docstring_and_cli_flags():
+    from transformers import HfArgumentParser
+
+    for f in dataclasses.fields(cfg_cpu.VLLMCPUArguments):
+        assert f.metadata.get("help") and f"{f.name} (`" in GRPOConfig.__doc__, f.name
+    (args,) = HfArgumentParser(GRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--use_cpu", "--bf16", "false", "--vllm_cpu_kv_cache_mib", "1536",
+         "--vllm_importance_sampling_correction", "true"]
+    )  # fmt: skip
+    assert args.vllm_cpu_kv_cache_mib == 1536 and args.vllm_importance_sampling_correction is True
+
+
+def test_cpu_build_detection_reads_package_metadata(monkeypatch):
+    import importlib.metadata as md
+
+    def fake(dists):
+        def distribution(name):
+            if name not in dists:
+                raise md.PackageNotFoundError(name)
+            return name
+
+        return distribution
+
+    monkeypatch.setattr(md, "distribution", fake({"vllm-cpu"}))
+    assert cfg_cpu.vllm_cpu_build_installed()
+    monkeypatch.setattr(md, "distribution", fake(set()))
+    monkeypatch.setattr(md, "version", lambda name: "0.11.0+cpu")
+    assert cfg_cpu.vllm_cpu_build_installed()
+    monkeypatch.setattr(md, "version", lambda name: "0.11.0")
+    assert not cfg_cpu.vllm_cpu_build_installed()
+
+
+# ── trl-credit eval ────────────────────────────────────────────────────────────────────────────────────────────────
+def test_eval_max_model_len_is_the_longest_prompt_plus_the_budget_within_the_context(tiny_model_dir):
+    from trl_credit.evaluation import _eval_max_model_len
+
+    assert _eval_max_model_len(tiny_model_dir, [[1] * 30, [1] * 50], 100) == 150
+    assert _eval_max_model_len(tiny_model_dir, [[1] * 30], 5000) == 1024  # the tiny model's context
