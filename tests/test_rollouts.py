@@ -423,7 +423,7 @@ def test_vineppo_trains_with_vllm_colocate_and_lora_in_one_call_per_round(tiny_m
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = _train(tiny_model_dir, tmp_path, peft_config=lora, use_vllm=True, vllm_mode="colocate",
                      vllm_max_model_length=256, step_split="math", vine_tree_reuse=True, vine_adaptive_k=True,
-                     vine_adaptive_k_min=2)  # fmt: skip
+                     vine_adaptive_k_min=2, vllm_importance_sampling_correction=True)  # fmt: skip (logs the gap)
     assert isinstance(trainer._vine_backend, VLLMColocateRolloutBackend)
     _check_vine_training(trainer, check_calls=False)  # the direct path bypasses _generate_single_turn
     logs = [h for h in trainer.state.log_history if "loss" in h]

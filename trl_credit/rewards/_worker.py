@@ -59,10 +59,12 @@ def _start(target: str):
 def main(argv: list[str]) -> None:
     in_fd, out_fd, target, parent_pid, max_memory_mb = int(argv[0]), int(argv[1]), argv[2], int(argv[3]), int(argv[4])
     _die_with_parent(parent_pid)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if max_memory_mb > 0:
-        # A runaway sympy computation gets a MemoryError instead of taking the machine down (Math-Verify#63).
+        # A runaway sympy computation gets a MemoryError instead of taking the machine down (Math-Verify#63). Only the
+        # soft limit is lowered, so that a failed start-up can be retried without it to tell whether it was the cause.
         limit = max_memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     inbox, outbox = Connection(in_fd, writable=False), Connection(out_fd, readable=False)
@@ -72,6 +74,15 @@ def main(argv: list[str]) -> None:
         # Tell the parent why before dying: under a small `max_memory_mb` the imports themselves fail, and the parent
         # must name that limit rather than the installation. "out of memory" starts the report in that case.
         out_of_memory = isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM)
+        if not out_of_memory and max_memory_mb > 0:
+            # Under an address-space limit a C extension can fail in other ways (e.g. `SystemError: error return
+            # without exception set` inside sympy's imports): the limit was the cause iff start-up works without it.
+            try:
+                resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+                _start(target)
+                out_of_memory = True
+            except BaseException:  # noqa: BLE001 - it fails without the limit too: report the original error
+                pass
         report = f"{'out of memory: ' if out_of_memory else ''}{type(e).__name__}{f': {e}' if str(e) else ''}"
         try:
             outbox.send(("startup_error", os.getpid(), report[:300]))
