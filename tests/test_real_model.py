@@ -36,6 +36,20 @@ pytestmark = pytest.mark.real_model
 SEEN: list[dict] = []  # what the reward functions saw: the real text they scored
 
 
+@pytest.fixture(autouse=True, scope="module")
+def free_core_threads():
+    """Torch threads = the cores not already busy (as `trl-credit demo --threads auto`): torch's OpenMP threads
+    spin-wait on each other, and on a machine busy with other work 2 threads ran SmolLM2 up to 10x slower than 1
+    (generation of 4 × 16 tokens: 2.2-5.9 s with 1 thread, 27-58 s with 2, load average ≈ 5 on 2 cores)."""
+    import os
+
+    before = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, min(cpus, int(cpus - os.getloadavg()[0] + 0.5))))
+    yield
+    torch.set_num_threads(before)
+
+
 def _text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
 
