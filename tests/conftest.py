@@ -86,6 +86,7 @@ def vllm_cpu_colocate(monkeypatch):
     # Record the originals so that monkeypatch restores them, then patch.
     monkeypatch.setattr(vlu, "dispatch_cpu_unquantized_gemm", vlu.dispatch_cpu_unquantized_gemm)
     monkeypatch.setattr(tvg, "LLM", tvg.LLM)
+    monkeypatch.setattr(tvg.VLLMGeneration, "sync_weights", tvg.VLLMGeneration.sync_weights)
     # vLLM's CPUWorker.init_device() replaces torch.set_num_threads by a warning no-op for the whole process.
     monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)
     # TRL's colocate init writes RANK/WORLD_SIZE/MASTER_* into os.environ; accelerate would then treat every later

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_real_model import check_real_training, real_data, recorder, run_recipe  # noqa: F401  (fixtures)
+from test_real_model import check_real_training, free_core_threads, real_data, recorder, run_recipe  # noqa: F401
 
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*/*/*.yaml"))

@@ -214,3 +214,52 @@ def test_eval_max_model_len_is_the_longest_prompt_plus_the_budget_within_the_con
 
     assert _eval_max_model_len(tiny_model_dir, [[1] * 30, [1] * 50], 100) == 150
     assert _eval_max_model_len(tiny_model_dir, [[1] * 30], 5000) == 1024  # the tiny model's context
+
+
+# ── weight sync into the packed CPU kernels ────────────────────────────────────────────────────────────────────────
+def _logprob_gap(trainer, prefix):
+    """max |log p_trainer − log p_vLLM| over continuations vLLM samples from a token-id prefix."""
+    import torch
+
+    _, completions, logprobs, _ = trainer.vllm_generation.generate(prompts=[prefix] * 2, images=None, num_generations=2)
+    model = trainer.model.eval()
+    gap = 0.0
+    with torch.no_grad():
+        for c, lp in zip(completions, logprobs, strict=True):
+            ref = model(input_ids=torch.tensor([prefix + list(c)])).logits[0, len(prefix) - 1 : -1].log_softmax(-1)
+            ref = ref.gather(-1, torch.tensor(list(c))[:, None])[:, 0]
+            gap = max(gap, (ref - torch.tensor([x[0] for x in lp])).abs().max().item())
+    return gap
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_colocated_cpu_engine_repacks_its_kernels_after_each_weight_sync(tiny_model_dir, vllm_cpu_colocate, tmp_path):
+    """vLLM-CPU computes with packed copies of the weights (oneDNN in fp32); TRL's sync writes `layer.weight`. Without
+    the re-pack the engine keeps sampling from the old weights (tied lm_head included)."""
+    import torch
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from trl_credit import GRPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, length_reward, tiny_math_dataset
+
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128,
+                      **{**CPU_TEST_ARGS, "use_cpu": True})  # fmt: skip
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=length_reward, args=args,
+                          train_dataset=tiny_math_dataset(8))  # fmt: skip
+    prefix = trainer.processing_class.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True
+    )
+    prefix = list(prefix if isinstance(prefix, list) else prefix["input_ids"])
+    vg = trainer.vllm_generation
+    vg.sync_weights()
+    assert _logprob_gap(trainer, prefix) < 1e-4
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    VLLMGeneration.sync_weights.__wrapped__(vg)  # TRL's own sync: loads layer.weight only
+    stale = _logprob_gap(trainer, prefix)
+    vg.sync_weights()  # TRL's sync, then the re-pack
+    assert stale > 1e-2 and _logprob_gap(trainer, prefix) < 1e-4, stale

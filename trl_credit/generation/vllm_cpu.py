@@ -5,7 +5,8 @@ project's `specs/vllm-cpu.md`):
 
 1. vLLM's CPU linear layers re-pack their weights and delete `layer.weight`, so TRL's colocate weight sync crashes
    (`'Parameter' object has no attribute 'weight_loader'`), and a tied `lm_head` can silently keep generating from a
-   stale packed copy. `keep_live_linear_weights()` keeps plain weights consumed by `F.linear` on every ISA.
+   stale packed copy. `keep_live_linear_weights()` keeps `layer.weight` next to the packed kernel, and
+   `apply_colocate()` re-packs after each of TRL's weight syncs (`refresh_packed_linear_weights()`).
 2. TRL calls `LLM(...)` without `dtype`, `enforce_eager` or a KV-cache size: an fp32 checkpoint is downcast to bf16,
    the model is compiled (slow on 2 cores) and the KV cache is sized from the machine's RAM. `apply_colocate()` wraps
    TRL's `LLM` with [`cpu_engine_kwargs`]: float32, eager mode, a KV cache sized for the generation batch
@@ -39,8 +40,16 @@ def is_vllm_cpu() -> bool:
 
 
 def keep_live_linear_weights() -> None:
-    """Keep vLLM's CPU linear weights as live parameters (read by `F.linear` on every call); idempotent."""
-    import torch.nn.functional as F
+    """
+    Let TRL's weight sync reach vLLM's CPU linear layers; idempotent.
+
+    vLLM-CPU hands each linear weight to its fastest GEMM kernel for the ISA (oneDNN, sgl-kernel, zentorch), which works
+    on a packed copy, and deletes `layer.weight`, where TRL's `load_weights` writes. The patched dispatch keeps
+    `layer.weight` *and* the packed kernel (one extra copy of the weights in memory); after each weight load the packed
+    copies are stale and [`refresh_packed_linear_weights`] rebuilds them (TRL's `sync_weights` does it once
+    [`apply_colocate`] has run). The previous version of this patch ran every layer through `F.linear` on the live
+    weights instead: 1.5-4× slower decoding of SmolLM2-135M in fp32 (measured A/B in one process, 8 × 32 tokens).
+    """
     import vllm.model_executor.layers.utils as vllm_layer_utils
 
     orig = vllm_layer_utils.dispatch_cpu_unquantized_gemm
@@ -49,13 +58,48 @@ def keep_live_linear_weights() -> None:
 
     def dispatch_keep_weights(layer, remove_weight):
         weight = getattr(layer, "weight", None)
-        if weight is None or weight.ndim != 2:
-            return orig(layer, remove_weight)  # conv / MoE weights: unchanged
-        layer.cpu_linear = lambda x, w, b: F.linear(x, w, b)
+        if weight is None or weight.ndim != 2 or weight.is_meta:
+            return orig(layer, remove_weight)  # conv / MoE / missing weights: unchanged
+        orig(layer, False)
+        layer._trl_credit_packed = True
 
     dispatch_keep_weights._trl_credit_patch = True
+    dispatch_keep_weights._trl_credit_original = orig
     # Both call sites (linear.py, vocab_parallel_embedding.py) import the function lazily from this module.
     vllm_layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keep_weights
+
+
+def refresh_packed_linear_weights(model) -> int:
+    """Re-pack the GEMM kernels of every linear layer of a vLLM model from its live `layer.weight` (after TRL loaded new
+    weights into them); returns how many layers were refreshed."""
+    import vllm.model_executor.layers.utils as vllm_layer_utils
+
+    dispatch = vllm_layer_utils.dispatch_cpu_unquantized_gemm
+    orig = getattr(dispatch, "_trl_credit_original", dispatch)
+    refreshed = 0
+    for module in model.modules():
+        if getattr(module, "_trl_credit_packed", False):
+            orig(module, False)
+            refreshed += 1
+    return refreshed
+
+
+def _refresh_after_colocate_sync() -> None:
+    """Wrap TRL's `VLLMGeneration.sync_weights` so that a colocated CPU engine re-packs its weights after the load."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    if getattr(VLLMGeneration.sync_weights, "_trl_credit_refresh", False):
+        return
+    orig_sync = VLLMGeneration.sync_weights
+
+    @functools.wraps(orig_sync)
+    def sync_weights(self):
+        orig_sync(self)
+        if self.mode == "colocate" and getattr(self, "llm", None) is not None:
+            refresh_packed_linear_weights(self.llm.llm_engine.model_executor.driver_worker.model_runner.model)
+
+    sync_weights._trl_credit_refresh = True
+    VLLMGeneration.sync_weights = sync_weights
 
 
 # vLLM's CPU attention backends allocate the KV cache in blocks of 128 tokens.
@@ -219,6 +263,7 @@ def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv
     if kv_cache_mib is not None and kv_cache_mib < 1:
         raise ValueError(f"kv_cache_mib must be >= 1 (MiB) or None (automatic), got {kv_cache_mib}.")
     keep_live_linear_weights()
+    _refresh_after_colocate_sync()
     import trl.generation.vllm_generation as trl_vllm_generation
 
     current = trl_vllm_generation.LLM
