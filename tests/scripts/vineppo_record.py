@@ -7,13 +7,10 @@ Each rank writes OUT_DIR/rank{r}.pt: a list (one per generation batch) of dicts 
 it passed to the rollout backend, call by call.
 """
 
-import ast
-import sys
+from _recording import run_recording
 
-import torch
-
-from trl_credit import GRPOConfig, GRPOTrainer
-from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+from trl_credit import GRPOTrainer
+from trl_credit.testing import shaped_math_reward
 
 
 class RecordingTrainer(GRPOTrainer):
@@ -51,32 +48,9 @@ class RecordingTrainer(GRPOTrainer):
 
 
 def main():
-    model_dir, out_dir, *extra = sys.argv[1:]
-    overrides = {k: ast.literal_eval(v) for k, v in (e.split("=", 1) for e in extra)}
-    kw = dict(
-        output_dir=out_dir,
-        advantage_estimator="vineppo",
-        max_steps=2,
-        per_device_train_batch_size=3,  # with num_generations=2 and 2 ranks, the middle group straddles the ranks
-        num_generations=2,
-        max_completion_length=10,
-        learning_rate=1e-2,
-        **CPU_TEST_ARGS,
-        seed=11,
-        vine_num_rollouts=3,
-        step_split="token_chunks",
-        vine_chunk_tokens=3,
-        vine_rollout_batch_size=4,  # several generate calls per step, so that call counts can differ if wrong
-    )
-    kw.update(overrides)
-    trainer = RecordingTrainer(
-        model=model_dir, reward_funcs=shaped_math_reward, args=GRPOConfig(**kw), train_dataset=tiny_math_dataset(24)
-    )
-    trainer.train()
-    rank = trainer.accelerator.process_index
-    torch.save(trainer.records, f"{out_dir}/rank{rank}.pt")
-    if trainer.accelerator.is_main_process:
-        print("world_size", trainer.accelerator.num_processes, "steps", trainer.state.global_step, flush=True)
+    run_recording(RecordingTrainer, shaped_math_reward, advantage_estimator="vineppo", max_completion_length=10,
+                  vine_num_rollouts=3, step_split="token_chunks", vine_chunk_tokens=3,
+                  vine_rollout_batch_size=4)  # several generate calls per step, so that call counts can differ if wrong
 
 
 if __name__ == "__main__":
