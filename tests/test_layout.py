@@ -137,6 +137,11 @@ PUBLIC = {
         "punctuation_segments", "punctuation_token_flags", "random_ngram_segments", "register_advantage_estimator",
         "reward_std", "rhythm_gammas", "rhythm_layer_indices", "segment_completions", "segments_from_starts",
         "split_math", "split_newline", "token_segments", "top_q_mask", "waad_delta",
+        # added in this release (SPO, validation of estimator outputs, non-finite rewards)
+        "CutpointSegments", "SPO_ADVANTAGE_NORMS", "compute_spo_chain_advantages", "compute_spo_tree_advantages",
+        "cutpoint_boundaries", "masked_whiten", "nonfinite_rewards_to_nan", "num_tree_slots", "probability_mask",
+        "spo_normalize", "tree_node_counts", "tree_node_values", "tree_paths_tensor", "tree_segment_ids",
+        "tree_slot_leaves", "validate_credit_output",
     ],
 }
 
