@@ -222,6 +222,161 @@ def test_replayed_completions_get_exactly_the_trainers_tempo_credit(tmp_path):
     torch.testing.assert_close(out["advantages"], expected.to(out["advantages"].dtype))
 
 
+def test_credit_statistics_count_only_trained_tokens_and_report_the_trained_share():
+    # SPO's probability mask: tokens outside the loss mask are not trained; their advantage 0 is no credit, so it
+    # must not count as "extra credit" against GRPO's advantage, nor as a zero in the mean |A|.
+    tok = build_tokenizer()
+    prompts = [prompt_text([3, 5, 9, 2])] * 2
+    right, slip = "3+5=8\n8+9=17\n17+2=19\n#19", "3+5=8\n8+9=16\n16+2=18\n#18"
+    ids, mask = _batch(tok, [right, slip])
+    loss_mask = torch.zeros(ids.shape)
+    loss_mask[0, 4] = loss_mask[1, 11] = 1.0  # one trained (cutpoint) token per row: the right `8`, the slip `6`
+    advantages = torch.zeros(ids.shape)
+    advantages[0, 4], advantages[1, 11] = 0.5, -2.0
+    rows = batch_credit(tok, prompts, ids, mask, advantages, num_generations=2, loss_mask=loss_mask)
+    assert rows[1]["trained"] == [int(t == 11) for t in range(len(slip) + 1)]
+    stats = CreditStats()
+    accumulate(stats, rows)
+    d = stats.as_dict()
+    assert d["trained_token_frac"] == pytest.approx(2 / (2 * (len(slip) + 1)))
+    assert d["extra_credit_token_frac"] == 1.0  # both trained tokens differ from GRPO's ±0.71; the rest is not credit
+    assert d["mean_abs_advantage"] == pytest.approx(1.25) and d["zero_advantage_token_frac"] == 0.0
+    assert d["neg_share_after_first_error_token"] == 1.0
+    # without a loss mask every real token is trained, as before
+    plain = batch_credit(tok, prompts, ids, mask, advantages, num_generations=2)
+    assert all(all(r["trained"]) for r in plain)
+
+
+def test_credit_map_draws_tokens_outside_the_loss_mask_grey_as_not_trained_not_white_as_zero(tmp_path):
+    from trl_credit.demo.report import NOT_TRAINED_NOTE, credit_panels
+    from trl_credit.viz import credit_map_html
+
+    prompt = prompt_text([3, 5, 9, 2])
+    text = "3+5=8\n8+9=16\n16+2=18\n#18"
+    analysis = {"first_error_step": 1}
+    n = len(text) + 1
+    base = {"prompt": prompt, "text": text, "reward": 0.0, "analysis": analysis, "first_error_token": 11}
+    masked = [{**base, "advantages": [0.0] * 11 + [-1.0] + [0.0] * (n - 12),
+               "trained": [0] * 11 + [1] + [0] * (n - 12)}]  # fmt: skip
+    plain = [{**base, "advantages": [-0.5] * n}]  # no "trained" field: results.json of older runs, every token trained
+    runs = [{"seed": 0, "credit": {"neg_share_after_first_error_step": 1.0}}]
+    results = {"estimators": {"grpo": {"label": "GRPO", "probe": plain, "runs": runs},
+                              "spo_chain": {"label": "SPO-chain", "probe": masked, "runs": runs}}}  # fmt: skip
+    panels, notes = credit_panels(results)
+    spo = panels["SPO-chain"][0].advantages
+    assert spo[11] == -1.0 and all(math.isnan(a) for i, a in enumerate(spo) if i != 11)
+    assert not any(math.isnan(a) for a in panels["GRPO"][0].advantages)
+    assert NOT_TRAINED_NOTE in notes["SPO-chain"] and NOT_TRAINED_NOTE not in notes["GRPO"]
+    html = credit_map_html(panels, notes=notes)
+    assert "not trained (no advantage)" in html and "A=-1.0000" in html and "A=+nan" not in html
+
+
+def test_spo_tree_credit_map_shows_its_own_tree_samples_selected_from_its_own_rows():
+    from trl_credit.demo.report import credit_panels
+
+    prompt = prompt_text([3, 5, 9, 2])
+
+    def row(text, reward, own=False):
+        n = len(text) + 1
+        return {"prompt": prompt, "text": text, "reward": reward, "analysis": {"first_error_step": 1},
+                "first_error_token": None if reward else 11, "advantages": [0.1] * n, "trained": [1] * n,
+                "own_samples": own}  # fmt: skip
+
+    right, slip, other = "3+5=8\n8+9=17\n17+2=19\n#19", "3+5=8\n8+9=16\n16+2=18\n#18", "3+5=9\n9+9=18\n18+2=20\n#20"
+    runs = [{"seed": 0, "credit": {"neg_share_after_first_error_step": 0.5}}]
+    results = {"estimators": {
+        "grpo": {"label": "GRPO", "probe": [row(right, 1.0), row(slip, 0.0)], "runs": runs},
+        "spo_tree": {"label": "SPO-tree", "probe": [row(other, 0.0, True), row(right, 1.0, True)], "runs": runs},
+    }}  # fmt: skip
+    panels, notes = credit_panels(results)
+    assert [r.tokens[:5] for r in panels["SPO-tree"]] == [list("3+5=8"), list("3+5=9")]  # its rows, right first
+    assert "its own tree samples" in notes["SPO-tree"] and "own tree" not in notes["GRPO"]
+
+
+@pytest.mark.parametrize("G, shape", [(4, [2, 2]), (8, [2, 4]), (2, [2]), (3, [3])])
+def test_spo_tree_preset_shape_has_one_leaf_per_generation_for_any_group_size(tmp_path, G, shape):
+    from trl_credit.demo.rl import PRESETS, RLSettings, build_config
+
+    settings = RLSettings(num_generations=G, prompts_per_step=2)
+    args = build_config(PRESETS["spo_tree"], settings, output_dir=str(tmp_path), seed=0, max_completion_length=56)
+    assert args.spo_tree_shape == shape and math.prod(shape) == G
+    assert PRESETS["spo_tree"].fields(settings)["spo_tree_shape"] == shape  # what the report records
+
+
+@pytest.mark.parametrize("name", ["grpo", "tempo", "gigpo", "vineppo", "ppo", "tempo+rhythm", "spo_chain", "spo_tree"])
+def test_every_preset_builds_its_config_with_the_demo_settings(tmp_path, name):
+    from trl_credit.demo.rl import PRESETS, RLSettings, build_config
+
+    assert name in PRESETS
+    args = build_config(PRESETS[name], RLSettings(), output_dir=str(tmp_path), seed=0,
+                        max_completion_length=ChainSpec().max_completion_chars + 1)  # fmt: skip
+    for key, value in PRESETS[name].config.items():
+        assert getattr(args, key) == value, key
+
+
+def test_presets_are_exactly_the_tested_ones():
+    from trl_credit.demo.rl import PRESETS
+
+    assert list(PRESETS) == ["grpo", "tempo", "gigpo", "vineppo", "ppo", "tempo+rhythm", "spo_chain", "spo_tree"]
+
+
+@pytest.fixture(scope="module")
+def briefly_trained_policy(tmp_path_factory):
+    """A starting policy after 100 SFT steps (≈ 15 s): it writes the format with confident tokens and uncertain
+    digits, so SPO's probability mask keeps some tokens and drops others (an untrained model is uncertain everywhere:
+    every token would be a cutpoint)."""
+    path, _ = load_or_train(SFTSettings(steps=100), tmp_path_factory.mktemp("sft100"), progress=False)
+    return path
+
+
+def parity_reward(completions, **kwargs):
+    """Mixed rewards in every group (the brief policy solves almost nothing): 1 for an even-length completion."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["spo_chain", "spo_tree"])
+def test_spo_preset_trains_a_step_and_its_credit_map_marks_the_untrained_tokens(briefly_trained_policy, tmp_path,
+                                                                                 name):  # fmt: skip
+    """One real training step of the preset's trainer, then the credit-map probe through its own pipeline: the
+    advantages are 0 exactly where the loss mask (the probability mask) is 0, and the rows say which tokens train."""
+    from trl_credit.demo.rl import (
+        PRESETS, CreditStats, RLSettings, batch_credit, build_config, demo_trainer_class, loss_mask_of,
+        samples_own_group, trainer_classes,
+    )  # fmt: skip
+    from trl_credit.demo.task import load_tokenizer, rl_dataset
+
+    tok = load_tokenizer(briefly_trained_policy)
+    settings = RLSettings(steps=1, num_generations=4, prompts_per_step=2)
+    max_len = ChainSpec().max_completion_chars + 1
+    args = build_config(PRESETS[name], settings, output_dir=str(tmp_path / "out"), seed=0,
+                        max_completion_length=max_len)  # fmt: skip
+    trainer = demo_trainer_class(trainer_classes(PRESETS[name])[1])(
+        model=briefly_trained_policy, reward_funcs=parity_reward, args=args,
+        train_dataset=rl_dataset([[3, 5, 9, 2], [4, 6, 1, 7, 2]]), processing_class=tok,
+    )  # fmt: skip
+    trainer.demo_stats = CreditStats()
+    trainer.train()
+    stats = trainer.demo_stats
+    assert trainer.state.global_step == 1 and stats.completions == 8
+    assert 0 < stats.trained_tokens < stats.tokens  # the probability mask trained a subset of the tokens
+    assert samples_own_group(trainer) == (name == "spo_tree")
+    texts = ["3+5=8\n8+9=17\n17+2=19\n#19", "3+5=8\n8+9=16\n16+2=18\n#18", "3+5=8\n8+9=17\n17+2=19\n#19",
+             "3+5=9"]  # fmt: skip
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    prompts = [prompt_text([3, 5, 9, 2])] * 4
+    out = trainer.credit_of(prompts, [19] * 4, ids)
+    if name == "spo_chain":
+        assert out["completion_ids"][1, : len(ids[1])].tolist() == ids[1]  # the probe's completions, scored
+    loss_mask = loss_mask_of(out)
+    assert "tool_mask" in out and (loss_mask < out["completion_mask"]).any()
+    assert (out["advantages"][loss_mask == 0] == 0).all()
+    rows = batch_credit(tok, prompts, out["completion_ids"], out["completion_mask"], out["advantages"], 4, loss_mask)
+    for i, row in enumerate(rows):
+        n = len(row["trained"])
+        assert row["trained"] == (loss_mask[i, :n] > 0).long().tolist()
+
+
 # ── the command's arguments: checked before any work ──────────────────────────────────────────────────────────────
 def test_demo_refuses_settings_every_estimator_rejects_before_training_anything(tmp_path, capsys):
     # --num-generations 1 used to train the starting policy for minutes, then skip every estimator and exit 0.
@@ -359,8 +514,28 @@ def test_quick_demo_writes_report_plots_and_credit_maps_with_a_row_per_estimator
         assert len(runs[0]["step_times"]) == 2
         assert results["estimators"][name]["probe"], name  # every estimator scored the same probe completions
         assert f"<h2>{preset.label}</h2>" in html
-    probes = [[r["text"] for r in results["estimators"][n]["probe"]] for n in PRESETS]
-    assert all(p == probes[0] for p in probes)
+    # every estimator scored the same probe completions, except SPO-tree, which samples its group as a tree: its own
+    # samples of the same prompts
+    probes = {n: results["estimators"][n]["probe"] for n in PRESETS}
+    fixed = [[r["text"] for r in probe] for n, probe in probes.items() if n != "spo_tree"]
+    assert all(p == fixed[0] for p in fixed)
+    assert [r["prompt"] for r in probes["spo_tree"]] == [r["prompt"] for r in probes["grpo"]]
+    assert all(r["own_samples"] for r in probes["spo_tree"]) and not any(r["own_samples"] for r in probes["grpo"])
+    # which tokens train is recorded per row, and an untrained token carries no advantage (with this 30-step policy,
+    # uncertain everywhere, SPO-chain trains every token and SPO-tree, all rewards 0, none; the 100-step policy test
+    # above checks a mask that keeps some tokens)
+    untrained = False
+    for n in ("spo_chain", "spo_tree"):
+        for r in probes[n]:
+            assert len(r["trained"]) == len(r["advantages"])
+            assert all(a == 0 for a, t in zip(r["advantages"], r["trained"]) if not t)
+            untrained |= not all(r["trained"])
+        assert 0 <= runs_credit(results, n)["trained_token_frac"] <= 1
+    assert "not trained (no advantage)" in html or not untrained
+
+
+def runs_credit(results, name):
+    return results["estimators"][name]["runs"][0]["credit"]
 
 
 # ── trl-credit demo --real (SmolLM2-135M-Instruct, word problems, LoRA) ────────────────────────────────────────────

@@ -45,7 +45,8 @@ class CreditRow:
         tokens (`list[str]`):
             The completion's tokens as text (padding removed).
         advantages (`list[float]`):
-            One advantage per token.
+            One advantage per token; `NaN` for a token without one (e.g. outside the loss mask: not trained), drawn
+            grey.
         label (`str`, *optional*, defaults to `""`):
             Shown left of the row (e.g. `"r=0"`).
         marker (`int` or `None`, *optional*):
@@ -212,7 +213,8 @@ def credit_map_html(
     if title:
         out.append(f"<h1 style='font-size:20px'>{esc(title)}</h1>")
     out.append(
-        "<p class='n'>Token colour = advantage that token receives (red: pushed down, blue: pushed up, white: 0). "
+        "<p class='n'>Token colour = advantage that token receives (red: pushed down, blue: pushed up, white: 0; "
+        "grey: no value, e.g. a token outside the loss mask, which is not trained). "
         "A black box marks the row's marked token (e.g. the first wrong token). Hover a token for its value.</p>"
     )
     for name, rows in panels.items():
@@ -231,9 +233,10 @@ def credit_map_html(
             for j, (tok, a) in enumerate(zip(row.tokens, row.advantages)):
                 r, g, b = (round(255 * c) for c in _rgb(a, s))
                 cls = "t m" if j == row.marker else "t"
+                value = f"A={a:+.4f}" if math.isfinite(a) else "not trained (no advantage)"
                 cells.append(
                     f"<span class='{cls}' style='background:rgb({r},{g},{b})' title='{esc(repr(tok))}: "
-                    f"A={a:+.4f}'>{esc(_visible(tok))}</span>"
+                    f"{value}'>{esc(_visible(tok))}</span>"
                 )
             prompt = f"<td class='p'>{esc(_visible(row.prompt))}</td>" if row.prompt is not None else ""
             out.append(f"<tr><td class='l'>{esc(row.label)}</td>{prompt}<td class='c'>{''.join(cells)}</td></tr>")

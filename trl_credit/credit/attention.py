@@ -295,6 +295,8 @@ def waad_delta(waad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`Δ_t = |WAAD_t − WAAD_{t+1}|` where both tokens are valid, else 0 (the last token's Δ is 0). Shapes `(B, T)`."""
     valid = mask.bool()
     delta = torch.zeros_like(waad)
+    if waad.size(1) == 0:  # no token
+        return delta
     delta[:, :-1] = (waad[:, :-1] - waad[:, 1:]).abs()
     both = valid.clone()
     both[:, :-1] &= valid[:, 1:]
@@ -342,6 +344,8 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, quantile: float) -
     filled = torch.where(mask.bool(), values, torch.full_like(values, math.inf))
     ordered = torch.sort(filled, dim=-1).values
     n = mask.bool().sum(-1)
+    if values.size(-1) == 0:  # no entry in any row
+        return torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
     pos = quantile * (n - 1).clamp(min=0).to(values.dtype)
     lo = pos.floor().long()
     hi = pos.ceil().long()
@@ -378,6 +382,8 @@ def dominated_anchors(
     """
     B, T = waad.shape
     valid = mask.bool()
+    if T == 0:  # no token: nothing dominated, no introduction
+        return torch.zeros_like(valid), torch.zeros_like(valid)
     tau_w = masked_quantile(waad, valid, waad_tau_quantile)
     tau_d = torch.where(preplans, delta, torch.full_like(delta, math.inf)).min(-1).values
     # Window u = t − k .. t − 1, oldest first, so argmax returns the first maximum like np.argmax.

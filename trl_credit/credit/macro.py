@@ -55,6 +55,7 @@ from .batch import CreditBatch, CreditOutput
 from .grpo import advantage_denominator, compute_grpo_advantages
 from .prefix_tree import prefix_tree_values, tree_metrics
 from .registry import register_advantage_estimator
+from .segment_gae import max_segments, segment_counts
 
 MACRO_ACTIONS = ("token", "ngram", "random_ngram", "punctuation", "perplexity", "step")
 RANDOM_NGRAM_LENGTHS = (1, 2, 3, 5, 10)  # the official list (it contains 1)
@@ -390,8 +391,8 @@ def punctuation_segments(
 
 # ── macro statistics and aggregation ──────────────────────────────────────────────────────────────────────────────
 def num_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """`(N,)` number of macros of each completion (0 for an empty row)."""
-    return (segment_ids.max(dim=1).values + 1).clamp(min=0)
+    """`(N,)` number of macros of each completion (0 for an empty row, and for every row when `T = 0`)."""
+    return segment_counts(segment_ids)
 
 
 def segment_metrics(segment_ids: torch.Tensor) -> dict[str, float]:
@@ -437,7 +438,7 @@ def macro_aggregate(
     tensor([[0.1500, 0.3500, 0.5000, 0.6000]])
     ```
     """
-    S = int(num_segments(segment_ids).max().item()) if num_columns is None else num_columns
+    S = max_segments(segment_ids) if num_columns is None else num_columns
     S = max(S, 1)
     valid = segment_ids >= 0
     x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -493,7 +494,7 @@ def macro_log_ratio(log_ratio: torch.Tensor, segment_ids: torch.Tensor, level: s
         return log_ratio
     if level not in ("macro_product", "macro_geomean"):
         raise ValueError(f"level must be 'token', 'macro_product' or 'macro_geomean', got {level!r}.")
-    S = max(int(num_segments(segment_ids).max().item()), 1)
+    S = max(max_segments(segment_ids), 1)
     per_macro = macro_aggregate(log_ratio, segment_ids, "sum" if level == "macro_product" else "mean", S)
     return broadcast_to_tokens(per_macro, segment_ids)
 
@@ -539,7 +540,7 @@ def compute_macro_tempo_advantages(
     td = torch.where(tree.is_branch, tree.v_child - tree.v_parent, torch.zeros_like(tree.v_child))
     td = torch.nan_to_num(td, nan=0.0, posinf=0.0, neginf=0.0)  # empty subtrees (unscorable members only)
     if segment_ids is not None:
-        S = max(int(num_segments(segment_ids).max().item()), 1)
+        S = max(max_segments(segment_ids), 1)
         td = broadcast_to_tokens(_scatter_sum(td, segment_ids, S), segment_ids)
     # A group whose std is undefined (one scorable member) has no TD signal, as in token-level TEMPO.
     extra = torch.nan_to_num(branch_td_coef * td / denom[:, None], nan=0.0, posinf=0.0, neginf=0.0)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 
 from .batch import CreditBatch, CreditOutput
-from .macro import macro_aggregate, num_segments, token_segments
+from .macro import macro_aggregate, token_segments
 from .registry import register_advantage_estimator
-from .segment_gae import compute_segment_gae
+from .segment_gae import compute_segment_gae, max_segments
 
 KL_ESTIMATORS = ("k1", "k3")
 
@@ -113,7 +113,7 @@ def compute_gae_advantages(
     Notation: `N` completions, `T` tokens, `K_i` macros of completion `i`.
     """
     seg = token_segments(completion_mask) if segment_ids is None else segment_ids.long()
-    S = max(int(num_segments(seg).max().item()), 1)
+    S = max(max_segments(seg), 1)
     macro_values = macro_aggregate(values, seg, value_agg, S)
     macro_rewards = macro_aggregate(token_rewards, seg, reward_agg, S)
     # The outcome is already inside the token rewards (official layout); the per-row terminal reward is 0, or NaN
@@ -183,7 +183,8 @@ def gae_estimator(
     last = (length - 1).clamp(min=0)
     rows = torch.arange(N, device=mask.device)
     outcome = torch.where(scorable & has_tokens, batch.rewards.float(), torch.zeros_like(batch.rewards.float()))
-    token_rewards[rows, last] += outcome
+    if T:  # with no token column there is no last token to hold the outcome (and nothing to credit)
+        token_rewards[rows, last] += outcome
     if whiten_rewards:
         token_rewards = torch.where(valid, masked_whiten(token_rewards, valid & scorable[:, None], False), 0.0)
 

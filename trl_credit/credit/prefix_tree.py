@@ -57,6 +57,8 @@ class PrefixTreeValues:
 def _first_true(x: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
     """Index of the first True along the last dim, `default` where there is none."""
     T = x.size(-1)
+    if T == 0:  # no position: none is True
+        return default.clone()
     pos = torch.arange(T, device=x.device).expand_as(x)
     first = torch.where(x, pos, torch.full_like(pos, T)).min(dim=-1).values
     return torch.where(first < T, first, default)
@@ -130,7 +132,8 @@ def prefix_tree_values(
     for g0 in range(0, n_groups, chunk):
         g1 = min(n_groups, g0 + chunk)
         rows = slice(g0 * G, g1 * G)
-        depth[g0:g1] = _divergence_depths(completion_ids[rows].view(-1, G, T), valid[rows].view(-1, G, T))
+        # explicit group count: with T = 0 columns a view(-1, G, T) is ambiguous
+        depth[g0:g1] = _divergence_depths(completion_ids[rows].view(g1 - g0, G, T), valid[rows].view(g1 - g0, G, T))
 
     # Column t of these (N, T + 1) sums is the set D(s_t) of completions sharing the first t tokens (t = 0: root).
     members = _subtree_sums(depth, torch.ones(N, dtype=torch.long, device=depth.device), T)

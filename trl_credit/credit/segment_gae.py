@@ -24,8 +24,21 @@ from __future__ import annotations
 import torch
 
 
+def segment_counts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """`(N,)` long: segments of each row of `segment_ids (N, T)` (largest id + 1), 0 for a row without tokens, also
+    when the batch has no token column at all (`T = 0`, where a reduction over the tokens would fail)."""
+    if segment_ids.size(1) == 0:
+        return torch.zeros(segment_ids.size(0), dtype=torch.long, device=segment_ids.device)
+    return (segment_ids.max(dim=1).values + 1).clamp(min=0)
+
+
+def max_segments(segment_ids: torch.Tensor) -> int:
+    """The most segments of any row, 0 for a batch without rows or tokens."""
+    return int(segment_counts(segment_ids).max()) if segment_ids.numel() else 0
+
+
 def _segment_counts(segment_ids: torch.Tensor, S: int) -> torch.Tensor:
-    num_segments = (segment_ids.max(dim=1).values + 1).clamp(min=0)
+    num_segments = segment_counts(segment_ids)
     if (num_segments > S).any():
         raise ValueError(
             f"segment_ids reach {int(num_segments.max()) - 1} but segment_values has only {S} columns: one value per "
@@ -68,6 +81,7 @@ def compute_segment_gae(
 
     Returns:
         `torch.Tensor` of shape `(N, T)`: advantages, 0 on padding; and the `(N, T)` returns if `return_returns`.
+        A batch without any token (`T = 0`, or every segment id `-1`) gives zeros of that shape, whatever `S`.
 
     Example (the VinePPO spec's telescoping vector: 5 steps, `r = 1`, `V = [.4, .6, .2, .9, .7]`):
     ```python
@@ -93,6 +107,9 @@ def compute_segment_gae(
     num_segments = _segment_counts(segment_ids, S)
     seg_valid = torch.arange(S, device=device)[None, :] < num_segments[:, None]  # (N, S)
     dtype = torch.float32 if segment_values.dtype in (torch.float16, torch.bfloat16) else segment_values.dtype
+    if S == 0 or segment_ids.size(1) == 0:  # no segment in any row (checked above): nothing to credit
+        zeros = torch.zeros(segment_ids.shape, dtype=dtype, device=device)
+        return (zeros, zeros.clone()) if return_returns else zeros
 
     scorable = ~torch.isnan(rewards)
     R = torch.zeros(N, S, dtype=dtype, device=device)

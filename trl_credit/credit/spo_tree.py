@@ -57,7 +57,7 @@ import torch
 
 from .batch import CreditBatch, CreditOutput
 from .registry import register_advantage_estimator
-from .segment_gae import compute_segment_gae
+from .segment_gae import compute_segment_gae, segment_counts
 from .spo import SPO_ADVANTAGE_NORMS, spo_normalize
 
 
@@ -177,7 +177,7 @@ def tree_node_values(rewards: torch.Tensor, tree_paths: torch.Tensor, group_size
     values = torch.full((N, D), math.nan, dtype=torch.float64, device=rewards.device)
     for d in range(D):
         inverse = _node_keys(tree_paths, group_size, d)
-        K = int(inverse.max()) + 1
+        K = int(inverse.max()) + 1 if N else 0  # no row: no node
         sums = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inverse, r)
         counts = torch.zeros(K, dtype=torch.float64, device=r.device).index_add_(0, inverse, known.to(torch.float64))
         mean = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
@@ -298,7 +298,7 @@ def compute_spo_tree_advantages(
     depth = _validate_paths(tree_paths, G)
     D = tree_paths.size(1)
     segment_ids = batch.segment_ids.long()
-    num_segments = (segment_ids.max(dim=1).values + 1).clamp(min=0)
+    num_segments = segment_counts(segment_ids)
     scorable = ~torch.isnan(batch.rewards)
     has_tokens = num_segments > 0
     # a leaf's last segment may be empty (a continuation of 0 tokens): then its node value is r and the segment before

@@ -38,7 +38,7 @@ import torch
 
 from .batch import CreditBatch, CreditOutput
 from .registry import register_advantage_estimator
-from .segment_gae import compute_segment_gae
+from .segment_gae import compute_segment_gae, segment_counts
 
 
 ADVANTAGE_NORMS = ("batch", "group", "none")
@@ -54,7 +54,7 @@ def segment_starts(segment_ids: torch.Tensor, num_columns: int) -> torch.Tensor:
     index = torch.where(valid, segment_ids, torch.full_like(segment_ids, num_columns))
     starts.scatter_reduce_(1, index, torch.where(valid, positions, T + 1), reduce="amin")
     starts = starts[:, :num_columns]
-    num_segments = (segment_ids.max(dim=1).values + 1).clamp(min=0)
+    num_segments = segment_counts(segment_ids)
     k = torch.arange(num_columns, device=segment_ids.device)[None, :]
     return torch.where(k < num_segments[:, None], starts, torch.full_like(starts, -1))
 
@@ -94,7 +94,7 @@ def interpolate_state_values(
         return values
     N, S = values.shape
     starts = segment_starts(segment_ids, S).tolist()
-    num_segments = (segment_ids.max(dim=1).values + 1).clamp(min=0).tolist()
+    num_segments = segment_counts(segment_ids).tolist()
     lengths = (segment_ids >= 0).sum(dim=1).tolist()
     v = values.tolist()
     fill = interpolate.tolist()
@@ -231,7 +231,7 @@ def compute_vineppo_advantages(batch: CreditBatch, *, vine_advantage_norm: str =
     advantages = advantages * mask
 
     valid = mask > 0
-    num_segments = (batch.segment_ids.max(dim=1).values + 1).clamp(min=0)
+    num_segments = segment_counts(batch.segment_ids)
     has_steps = num_segments > 0
     values = batch.segment_values.to(torch.float32)
     seg_valid = torch.arange(values.size(1))[None, :] < num_segments[:, None]

@@ -1,8 +1,8 @@
 r"""
 `trl-credit demo`: where each credit-assignment estimator puts credit, and how fast it learns, on any CPU in minutes.
 
-    trl-credit demo                   # 3 seeds; ~11 min on 2 CPU cores, the starting policy's 2 min included
-    trl-credit demo --quick           # 1 seed, 24 steps; 2-4.5 min, 1.2-2.1 min once the starting policy is cached
+    trl-credit demo                   # 3 seeds; ~15 min on 2 CPU cores, the starting policy's 2 min included
+    trl-credit demo --quick           # 1 seed, 24 steps; 2.5-6 min, 2-3.6 min once the starting policy is cached
     trl-credit demo --output-dir DIR  # default: demo_output/
     trl-credit demo --real --quick    # the comparison on the real SmolLM2-135M-Instruct (LoRA): `trl_credit.demo.real`
 
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "each puts credit and how fast it learns (CPU, no downloads).",
     )
     p.add_argument("--quick", action="store_true",
-                   help="1 seed, 24 steps, 128 evaluation problems: 2-4.5 min on 2 cores, 1.2-2.1 min once the "
+                   help="1 seed, 24 steps, 128 evaluation problems: 2.5-6 min on 2 cores, 2-3.6 min once the "
                         "starting policy is cached (docs/demo.md: what the time depends on).")  # fmt: skip
     p.add_argument("--seeds", type=positive, default=None, help="Seeds per estimator (default 3; 1 with --quick).")
     p.add_argument("--output-dir", default="demo_output", help="Where the report, plots and maps go.")
@@ -316,7 +316,7 @@ def _demo(*, mode, spec, sft, rl, names, seeds, eval_problems, cache, threads, p
     # ── RL with every estimator (their configs were checked before the starting policy) ──
     estimators: dict[str, dict[str, Any]] = {
         name: {"label": PRESETS[name].label, "description": PRESETS[name].description,
-               "config": PRESETS[name].config, "runs": [], "probe": None}
+               "config": PRESETS[name].fields(rl), "runs": [], "probe": None}
         for name in runnable
     }  # fmt: skip
     failed: dict[str, str] = {}

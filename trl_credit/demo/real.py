@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .rl import EvalCallback, EvalPoint, Preset, demo_trainer_class, trainer_classes
+from .rl import EvalCallback, EvalPoint, Preset, demo_trainer_class, samples_own_group, trainer_classes
 
 
 # Knobs are the papers' defaults unless the comment says why ≈ 100-token completions on 2 CPU cores need another value.
@@ -215,7 +215,7 @@ def build_config(preset: Preset, s: RealSettings, *, output_dir: str, seed: int)
         report_to="none", use_cpu=True, bf16=False, save_strategy="no", logging_steps=1, disable_tqdm=True,
         gradient_checkpointing=False, seed=seed, data_seed=seed, use_vllm=False,
     )  # fmt: skip
-    fields.update(preset.config)
+    fields.update(preset.fields(s))
     return config_cls(**fields)
 
 
@@ -228,35 +228,41 @@ def lora_config(s: RealSettings):
 
 @dataclass
 class RealCreditStats:
-    """Running sums over the training batches: tokens whose advantage differs from GRPO's, mean |A|, zeros."""
+    """Running sums over the training batches: trained tokens whose advantage differs from GRPO's, mean |A|, zeros
+    (over the tokens inside the loss mask: a token outside it is not trained, which is not zero credit)."""
 
     extra_tokens: int = 0
     abs_sum: float = 0.0
     zero_tokens: int = 0
     tokens: int = 0
+    trained_tokens: int = 0
     completions: int = 0
     correct: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        n = self.tokens
+        n = self.trained_tokens
         return {
             "neg_share_after_first_error_token": math.nan,
             "neg_share_after_first_error_step": math.nan,
             "extra_credit_token_frac": self.extra_tokens / n if n else math.nan,
             "mean_abs_advantage": self.abs_sum / n if n else math.nan,
             "zero_advantage_token_frac": self.zero_tokens / n if n else math.nan,
+            "trained_token_frac": n / self.tokens if self.tokens else math.nan,
             "train_reward_mean": self.correct / self.completions if self.completions else math.nan,
         }
 
 
 def _advantage_rows(trainer, inputs, out) -> list[dict[str, Any]]:
-    """Per completion: its reward (the gsm8k reward on the decoded text), per-token advantages, GRPO's advantage."""
+    """Per completion: its reward (the gsm8k reward on the decoded text), per-token advantages, which tokens are
+    trained (inside the loss mask), GRPO's advantage."""
     import torch
 
     from ..credit import compute_grpo_advantages
+    from .rl import loss_mask_of
 
     tok = trainer.processing_class
     ids, mask = out["completion_ids"].cpu(), out["completion_mask"].cpu().float()
+    trained = (loss_mask_of(out).cpu().float() > 0).float() * mask
     adv = out["advantages"].detach().cpu().float()
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(mask)
@@ -267,7 +273,8 @@ def _advantage_rows(trainer, inputs, out) -> list[dict[str, Any]]:
     for i in range(ids.shape[0]):
         n = int(mask[i].sum())
         rows.append({"ids": ids[i][:n].tolist(), "text": texts[i], "reward": rewards[i],
-                     "advantages": adv[i, :n].tolist(), "grpo_advantage": float(grpo[i])})  # fmt: skip
+                     "advantages": adv[i, :n].tolist(), "trained": [int(x) for x in trained[i, :n].tolist()],
+                     "grpo_advantage": float(grpo[i])})  # fmt: skip
     return rows
 
 
@@ -284,12 +291,14 @@ class RealDemoMixin:
             st = self.real_stats
             for row in _advantage_rows(self, inputs, out):
                 a = torch.tensor(row["advantages"])
+                trained = torch.tensor(row["trained"], dtype=torch.bool)
                 st.completions += 1
                 st.correct += row["reward"]
                 st.tokens += a.numel()
-                st.extra_tokens += int(((a - row["grpo_advantage"]).abs() > 1e-6).sum())
-                st.abs_sum += float(a.abs().sum())
-                st.zero_tokens += int((a == 0).sum())
+                st.trained_tokens += int(trained.sum())
+                st.extra_tokens += int((((a - row["grpo_advantage"]).abs() > 1e-6) & trained).sum())
+                st.abs_sum += float(a[trained].abs().sum())
+                st.zero_tokens += int(((a == 0) & trained).sum())
         return out
 
 
@@ -331,7 +340,9 @@ def run_one(name: str, preset: Preset, s: RealSettings, *, seed: int, model_path
             torch.manual_seed(PROBE_SEED)
             n = len(probe["completion_ids"])
             trainer.model.train()
-            trainer.demo_forced_completions = [list(c) for c in probe["completion_ids"]]
+            # SPO-tree samples its own tree of the same prompt (its credit needs the tree), the others replay the probe
+            own = samples_own_group(trainer)
+            trainer.demo_forced_completions = None if own else [list(c) for c in probe["completion_ids"]]
             saved, trainer.real_stats = trainer.real_stats, None
             inputs = [{"prompt": chat(probe["question"]), "answer": probe["answer"]}] * n
             try:
@@ -339,6 +350,8 @@ def run_one(name: str, preset: Preset, s: RealSettings, *, seed: int, model_path
             finally:
                 trainer.real_stats, trainer.demo_forced_completions = saved, None
             probe_rows = _advantage_rows(trainer, inputs, out)
+            for row in probe_rows:
+                row["own_samples"] = own
         except Exception as e:  # noqa: BLE001 - the training run stands; only this estimator's credit map is missing
             probe_error = f"{type(e).__name__}: {e}"
     result = {
@@ -548,8 +561,11 @@ def credit_panels(results: dict[str, Any], tokenizer) -> dict[str, list]:
         right = [i for i in order if rows[i]["reward"] == 1.0][:1]
         wrong = [i for i in order if rows[i]["reward"] != 1.0][:3]
         pick = right + wrong
+        # a token outside the loss mask (SPO's probability mask) is not trained: NaN, drawn grey, not a white 0
+        advantages = [[a if t else math.nan for a, t in zip(rows[i]["advantages"], rows[i].get("trained")
+                                                          or [1] * len(rows[i]["advantages"]))] for i in pick]
         panels[info["label"]] = credit_rows(
-            tokenizer, [rows[i]["ids"] for i in pick], [rows[i]["advantages"] for i in pick],
+            tokenizer, [rows[i]["ids"] for i in pick], advantages,
             labels=["✓ right" if rows[i]["reward"] == 1.0 else "✗ wrong" for i in pick],
             prompts=[results["probe"]["question"] if k == 0 else None for k in range(len(pick))],
         )  # fmt: skip
@@ -561,7 +577,7 @@ def real_summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[st
 
     header = ["estimator", "seeds", "final acc. (%)", "Δ final vs GRPO", "mean acc. over training (%)",
               "Δ mean vs GRPO", "s / step", "train reward (%)", "tokens with extra credit (%)",
-              "mean abs(A) per token", "tokens with A = 0 (%)"]  # fmt: skip
+              "mean abs(A) per token", "tokens with A = 0 (%)", "trained tokens (%)"]  # fmt: skip
     rows = []
     base = results["estimators"].get("grpo", {}).get("runs", [])
     for name, info in results["estimators"].items():
@@ -583,6 +599,7 @@ def real_summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[st
             fmt(*mean_std([c["extra_credit_token_frac"] for c in credit])),
             fmt(*mean_std([c["mean_abs_advantage"] for c in credit]), pct=False),
             fmt(*mean_std([c["zero_advantage_token_frac"] for c in credit])),
+            fmt(*mean_std([c.get("trained_token_frac", 1.0) for c in credit])),
         ])  # fmt: skip
     return header, rows
 

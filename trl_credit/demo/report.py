@@ -165,20 +165,34 @@ def probe_rows_to_select(probe: list[dict[str, Any]], max_rows: int = 8) -> list
     return chosen[:max_rows]
 
 
+NOT_TRAINED_NOTE = "grey = not trained (outside the loss mask), not zero credit"
+
+
 def credit_panels(results: dict[str, Any]) -> tuple[dict[str, list[CreditRow]], dict[str, str]]:
+    """
+    One panel of rows per estimator. A token outside the estimator's loss mask (SPO's probability mask, a zero-weight
+    tree node) gets `NaN`, drawn grey as "not trained": it receives no update, which a white "0" would misstate. An
+    estimator that scored its own samples of the probe prompts (SPO-tree's tree) shows its own rows, and says so.
+    """
     panels, notes = {}, {}
-    selected = None
+    selected, reference = None, None
     for name, info in results["estimators"].items():
         probe = info.get("probe")
         if not probe:
             continue
-        if selected is None:
-            selected = probe_rows_to_select(probe)
+        own = any(r.get("own_samples") for r in probe)
+        if selected is None and not own:
+            selected, reference = probe_rows_to_select(probe), [r["text"] for r in probe]
+        same = not own and reference is not None and [r["text"] for r in probe] == reference
+        rows_of = selected if same else probe_rows_to_select(probe)
         rows = []
-        for i in selected:
+        masked = False
+        for i in rows_of:
             r = probe[i]
             tokens = list(r["text"]) + ["⟨eos⟩"]
-            adv = r["advantages"]
+            trained = r.get("trained") or [1] * len(r["advantages"])
+            adv = [a if t else math.nan for a, t in zip(r["advantages"], trained)]
+            masked |= not all(trained)
             tokens = tokens[: len(adv)]
             if r["reward"] == 1.0:
                 label = "✓ right"
@@ -188,11 +202,13 @@ def credit_panels(results: dict[str, Any]) -> tuple[dict[str, list[CreditRow]], 
                                   prompt=_visible_prompt(r["prompt"])))  # fmt: skip
         panels[info["label"]] = rows
         share, _ = mean_std([r["credit"]["neg_share_after_first_error_step"] for r in info["runs"]])
-        notes[info["label"]] = (
-            f"training: {100 * share:.0f}% of failed completions' negative credit from their first wrong line on"
-            if math.isfinite(share)
-            else ""
-        )
+        parts = [f"training: {100 * share:.0f}% of failed completions' negative credit from their first wrong line on"
+                 if math.isfinite(share) else ""]  # fmt: skip
+        if own:
+            parts.append("its own tree samples of the same prompts (SPO-tree samples the group as a tree)")
+        if masked:
+            parts.append(NOT_TRAINED_NOTE)
+        notes[info["label"]] = "; ".join(p for p in parts if p)
     return panels, notes
 
 
@@ -212,7 +228,7 @@ def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = [
         "estimator", "seeds", "final acc. (%)", "Δ final vs GRPO", "mean acc. over training (%)", "Δ mean vs GRPO",
         "final step-error rate (%)", "s / step", "neg. credit at/after 1st wrong token", "… at/after 1st wrong line",
-        "tokens with extra credit", "mean abs(A) per token",
+        "tokens with extra credit", "mean abs(A) per token", "trained tokens",
     ]  # fmt: skip
     rows = []
     base = results["estimators"].get("grpo", {}).get("runs", [])
@@ -240,6 +256,7 @@ def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             fmt(*mean_std([c["neg_share_after_first_error_step"] for c in credit])),
             fmt(*mean_std([c["extra_credit_token_frac"] for c in credit])),
             fmt(*mean_std([c.get("mean_abs_advantage", math.nan) for c in credit]), pct=False),
+            fmt(*mean_std([c.get("trained_token_frac", 1.0) for c in credit])),
         ])  # fmt: skip
     return header, rows
 
@@ -339,7 +356,8 @@ def reading(results: dict[str, Any]) -> list[str]:
     if scale:
         lines.append(
             "**Not only credit differs**: at one shared learning rate the estimators also ask for updates of "
-            "different sizes. Mean |A| per token (share of tokens with A = 0): " + ", ".join(scale) + ". GRPO-family "
+            "different sizes. Mean |A| per trained token (share of trained tokens with A = 0): " + ", ".join(scale)
+            + ". GRPO-family "
             "advantages are 0 for every group whose completions all got the same reward; a critic or Monte-Carlo "
             "baseline still moves those tokens. A faster curve can come from either."
         )
@@ -406,7 +424,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         "",
         "Δ columns are paired differences with GRPO on the same seed (mean ± std over seeds; 'clear' = the 95% "
         "confidence interval of the paired mean excludes 0, Student t with n − 1 degrees of freedom). 'Tokens with "
-        "extra credit' = share of tokens whose advantage differs from the GRPO advantage of the same completion.",
+        "extra credit' = share of trained tokens whose advantage differs from the GRPO advantage of the same "
+        "completion. 'Trained tokens' = share of the completions' tokens inside the loss mask (below 100% only for "
+        "estimators that return one, e.g. SPO's probability mask); the credit columns count trained tokens only.",
         "",
         "![accuracy vs step](accuracy_vs_step.png)",
         "",
@@ -425,7 +445,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         "",
         "Same completions (sampled once from the starting policy for a validation problem), scored by each trained "
         "estimator's own trainer (rewards, Monte-Carlo rollouts or critic, estimator, token weights). Red = pushed "
-        "down, blue = pushed up; a black box marks the first wrong token. Colours are scaled per estimator.",
+        "down, blue = pushed up, grey = not trained (outside the estimator's loss mask, e.g. SPO's probability "
+        "mask); a black box marks the first wrong token. Colours are scaled per estimator. SPO-tree samples its "
+        "group as a tree, so it shows its own samples of the same prompts.",
         "",
         "![credit map](credit_map.png)",
         "",

@@ -36,12 +36,29 @@ class Preset:
         trainer (`str`, *optional*, defaults to `"grpo"`): `"grpo"` (`trl_credit.GRPOTrainer` / `GRPOConfig`) or
             `"ppo"` (`trl_credit.trainers.ppo.PPOTrainer` / `PPOConfig`, with a learned critic).
         description (`str`, *optional*): one line for the report.
+        derived (`Callable[[RLSettings], dict]`, *optional*): config fields that depend on the shared settings (e.g.
+            a tree shape whose leaves must match `num_generations`), applied after `config`.
     """
 
     label: str
     config: dict[str, Any]
     trainer: str = "grpo"
     description: str = ""
+    derived: Callable[[RLSettings], dict[str, Any]] | None = None
+
+    def fields(self, settings: RLSettings) -> dict[str, Any]:
+        """The preset's config fields under `settings`: `config`, then the `derived` ones."""
+        return {**self.config, **(self.derived(settings) if self.derived is not None else {})}
+
+
+def spo_tree_shape_for(num_generations: int) -> list[int]:
+    """
+    The demo's SPO-tree shape: two levels, `[2, G / 2]`, so that the tree's leaves are exactly the `G` trained
+    completions (`[2, 2]` for the demo's G = 4); a one-level tree `[G]` (Dr.GRPO's `r − mean`, spec §11-7) when `G`
+    is odd or below 4.
+    """
+    G = int(num_generations)
+    return [2, G // 2] if G >= 4 and G % 2 == 0 else [G]
 
 
 # Everything not listed here is shared by all runs (RLSettings). Knobs are the papers' defaults unless the comment
@@ -85,6 +102,30 @@ PRESETS: dict[str, Preset] = {
             "rhythm_horizon_hi": 32,
         },
         description="TEMPO advantages × attention-rhythm token weights (preplan/anchor tokens × 1.5)",
+    ),
+    # SPO on the demo's character-level completions (≈ 34 tokens). The starting policy is nearly deterministic except
+    # on the digits of a sum: at the official ρ = 0.9 a completion has 1.2 cutpoints on average and 29% have none
+    # (they would train on nothing), so ρ = 0.95 (4.1 cutpoints, every completion has one) and a segment at every
+    # cutpoint (k = 1, official 5: ≈ 5 segments per completion instead of 2). Measured on 256 samples of the starting
+    # policy at T = 1 (docs/demo.md). The probability mask is on, as officially: only the cutpoint tokens train.
+    "spo_chain": Preset(
+        "SPO-chain",
+        # K = 4 Monte-Carlo rollouts per boundary, as the VinePPO preset (official 9), for the CPU budget.
+        {"advantage_estimator": "spo_chain", "spo_cutpoint_threshold": 0.95, "spo_cutpoints_per_segment": 1,
+         "vine_num_rollouts": 4, "vine_rollout_batch_size": 256},
+        description="Monte-Carlo values (K = 4) before every cutpoint (p < 0.95), TD(0) segment advantages on the "
+        "cutpoint tokens only (probability mask), whitened",
+    ),
+    "spo_tree": Preset(
+        "SPO-tree",
+        # A 2-2 tree: 4 leaves = the demo's num_generations (4), so every slot is trained (`spo_tree_shape_for`
+        # follows --num-generations); the first level is 16 tokens (about two lines of a 34-token completion), the
+        # second the rest (≤ 40 tokens). Official: 6-6-6, M = 30 on GSM8K. Same ρ = 0.95 probability mask as SPO-chain.
+        {"advantage_estimator": "spo_tree", "spo_tree_segment_tokens": 16, "spo_cutpoint_threshold": 0.95,
+         "vine_rollout_batch_size": 256},
+        description="the group sampled as a 2-2 tree (16-token first level), advantage V(node) − V(parent) per "
+        "segment on the cutpoint tokens only (p < 0.95), each node trained once, whitened",
+        derived=lambda settings: {"spo_tree_shape": spo_tree_shape_for(settings.num_generations)},
     ),
 }
 
@@ -150,7 +191,7 @@ def build_config(preset: Preset, settings: RLSettings, *, output_dir: str, seed:
         seed=seed,
         data_seed=seed,
     )
-    fields.update(preset.config)
+    fields.update(preset.fields(settings))
     return config_cls(**fields)
 
 
@@ -161,9 +202,11 @@ class CreditStats:
     Running sums over the training batches of a run.
 
     `neg_*`: negative advantage mass (Σ max(−A_t, 0)) over the tokens of failed completions, split at the first wrong
-    token, or at the start of the first wrong line (step). `extra_*`: valid tokens whose advantage differs from the
-    completion's GRPO advantage (TRL's formula on the same rewards). `abs_sum` / `zero_tokens`: Σ |A_t| and the tokens
-    with A_t = 0, which tell how large an update each estimator asks for at a shared learning rate.
+    token, or at the start of the first wrong line (step). `extra_*`: trained tokens whose advantage differs from the
+    completion's GRPO advantage (TRL's formula on the same rewards). `abs_sum` / `zero_tokens`: Σ |A_t| and the
+    trained tokens with A_t = 0, which tell how large an update each estimator asks for at a shared learning rate.
+    `tokens` counts every real token, `trained_tokens` those in the loss mask (all of them unless the estimator
+    returns a loss mask, e.g. SPO's probability mask: a token outside it is not trained, which is not zero credit).
     """
 
     neg_before_token: float = 0.0
@@ -174,6 +217,7 @@ class CreditStats:
     abs_sum: float = 0.0
     zero_tokens: int = 0
     tokens: int = 0
+    trained_tokens: int = 0
     failed: int = 0
     completions: int = 0
     correct: int = 0
@@ -185,9 +229,10 @@ class CreditStats:
         return {
             "neg_share_after_first_error_token": share(self.neg_after_token, self.neg_before_token),
             "neg_share_after_first_error_step": share(self.neg_after_step, self.neg_before_step),
-            "extra_credit_token_frac": self.extra_tokens / self.tokens if self.tokens else math.nan,
-            "mean_abs_advantage": self.abs_sum / self.tokens if self.tokens else math.nan,
-            "zero_advantage_token_frac": self.zero_tokens / self.tokens if self.tokens else math.nan,
+            "extra_credit_token_frac": self.extra_tokens / self.trained_tokens if self.trained_tokens else math.nan,
+            "mean_abs_advantage": self.abs_sum / self.trained_tokens if self.trained_tokens else math.nan,
+            "zero_advantage_token_frac": self.zero_tokens / self.trained_tokens if self.trained_tokens else math.nan,
+            "trained_token_frac": self.trained_tokens / self.tokens if self.tokens else math.nan,
             "train_reward_mean": self.correct / self.completions if self.completions else math.nan,
             "failed_completions": float(self.failed),
         }
@@ -210,11 +255,20 @@ def token_text(tokenizer, ids: Sequence[int]) -> tuple[str, list[int]]:
     return "".join(chars), kept
 
 
+def loss_mask_of(out: dict[str, Any]) -> torch.Tensor:
+    """The loss mask a trainer's batch hands to TRL's loss: `completion_mask * tool_mask` (an estimator's
+    `CreditOutput.loss_mask` is multiplied into `tool_mask`), or `completion_mask` alone."""
+    mask = out["completion_mask"]
+    return mask if out.get("tool_mask") is None else mask * out["tool_mask"].to(mask.device)
+
+
 def batch_credit(tokenizer, prompts: Sequence[str], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                 advantages: torch.Tensor, num_generations: int) -> list[dict[str, Any]]:  # fmt: skip
+                 advantages: torch.Tensor, num_generations: int,
+                 loss_mask: torch.Tensor | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """
-    Per completion of a training batch: reward, first wrong token and step, per-token advantages, and the GRPO
-    advantage the same rewards give. Used by the diagnostics and by the credit map.
+    Per completion of a training batch: reward, first wrong token and step, per-token advantages, which tokens are
+    trained (`trained`: 1 where `loss_mask > 0`; default every real token), and the GRPO advantage the same rewards
+    give. Used by the diagnostics and by the credit map.
     """
     from ..credit import compute_grpo_advantages
 
@@ -224,6 +278,7 @@ def batch_credit(tokenizer, prompts: Sequence[str], completion_ids: torch.Tensor
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(mask)
     adv = adv[:, : mask.shape[1]] * mask
+    trained = mask if loss_mask is None else ((loss_mask.detach().cpu().float()[:, : mask.shape[1]] > 0) * mask)
     rows = []
     for i in range(ids.shape[0]):
         terms = parse_prompt(prompts[i])
@@ -235,6 +290,7 @@ def batch_credit(tokenizer, prompts: Sequence[str], completion_ids: torch.Tensor
     for i, row in enumerate(rows):
         n = int(mask[i].sum())
         row["advantages"] = adv[i, :n].tolist()
+        row["trained"] = [int(x) for x in trained[i, :n].tolist()]
         row["grpo_advantage"] = float(grpo[i])
         e = row["analysis"].first_error_char
         row["first_error_token"] = e if e is not None and e < n else None
@@ -247,12 +303,15 @@ def batch_credit(tokenizer, prompts: Sequence[str], completion_ids: torch.Tensor
 def accumulate(stats: CreditStats, rows: Sequence[dict[str, Any]]) -> None:
     for row in rows:
         adv = torch.tensor(row["advantages"])
+        trained = torch.tensor(row.get("trained", [1] * adv.numel()), dtype=torch.bool)
         stats.completions += 1
         stats.correct += row["reward"] == 1.0
         stats.tokens += adv.numel()
-        stats.extra_tokens += int(((adv - row["grpo_advantage"]).abs() > 1e-6).sum())
-        stats.abs_sum += float(adv.abs().sum())
-        stats.zero_tokens += int((adv == 0).sum())
+        stats.trained_tokens += int(trained.sum())
+        # the credit of the trained tokens only: a token outside the loss mask gets no update, not a zero advantage
+        stats.extra_tokens += int((((adv - row["grpo_advantage"]).abs() > 1e-6) & trained).sum())
+        stats.abs_sum += float(adv[trained].abs().sum())
+        stats.zero_tokens += int(((adv == 0) & trained).sum())
         e = row["first_error_token"]
         if row["reward"] == 1.0 or e is None:
             continue
@@ -289,20 +348,30 @@ class DemoTrainerMixin:
         if self.model.training and self.demo_stats is not None:
             prompts = [x["prompt"] for x in inputs]
             rows = batch_credit(self.processing_class, prompts, out["completion_ids"], out["completion_mask"],
-                                out["advantages"], self.num_generations)  # fmt: skip
+                                out["advantages"], self.num_generations, loss_mask_of(out))  # fmt: skip
             accumulate(self.demo_stats, rows)
         return out
 
     def credit_of(self, prompts: Sequence[str], answers: Sequence[int], completions: Sequence[Sequence[int]]):
-        """Run fixed `completions` (token ids incl. EOS) of `prompts` through the training-time credit path."""
+        """
+        Run fixed `completions` (token ids incl. EOS) of `prompts` through the training-time credit path. A trainer
+        that samples its group itself (`samples_own_group`: SPO-tree samples it as a tree, whose structure its credit
+        needs) scores its own samples of the same prompts instead.
+        """
         self.model.train()
-        self.demo_forced_completions = [list(c) for c in completions]
+        self.demo_forced_completions = None if samples_own_group(self) else [list(c) for c in completions]
         saved, self.demo_stats = self.demo_stats, None
         try:
             out = self._generate_and_score_completions([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
         finally:
             self.demo_stats, self.demo_forced_completions = saved, None
         return out
+
+
+def samples_own_group(trainer) -> bool:
+    """Whether `trainer` samples the training group in its own structure (SPO-tree's tree), so that independently
+    sampled completions cannot be scored by it: its credit map then shows its own samples of the same prompts."""
+    return bool(getattr(trainer, "_spo_tree_enabled", False))
 
 
 _DEMO_CLASSES: dict[type, type] = {}
@@ -425,9 +494,11 @@ def run_one(
             torch.manual_seed(probe["seed"])
             out = trainer.credit_of(probe["prompts"], probe["answers"], probe["completion_ids"])
             probe_rows = batch_credit(tokenizer, probe["prompts"], out["completion_ids"], out["completion_mask"],
-                                      out["advantages"], settings.num_generations)  # fmt: skip
+                                      out["advantages"], settings.num_generations, loss_mask_of(out))  # fmt: skip
+            own = samples_own_group(trainer)
             for row in probe_rows:
                 row["analysis"] = asdict(row["analysis"])
+                row["own_samples"] = own
         except Exception as e:  # noqa: BLE001 - the training run stands; only this estimator's credit map is missing
             probe_error = f"{type(e).__name__}: {e}"
     return RunResult(
@@ -467,5 +538,8 @@ def make_probe(model, tokenizer, problems: Sequence[Sequence[int]], *, num_gener
     for _, _, terms, texts in best:
         probe["prompts"] += [prompt_text(terms)] * len(texts)
         probe["answers"] += [sum(terms)] * len(texts)
-        probe["completion_ids"] += [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        # as the trainer's generation returns them: EOS included when emitted, never longer than max_new_tokens (a
+        # sample cut at the budget has no EOS; one past the budget would leave its last state no token budget)
+        probe["completion_ids"] += [(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos])[:max_new_tokens]
+                                    for t in texts]  # fmt: skip
     return probe
