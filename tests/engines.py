@@ -44,6 +44,8 @@ DEVICE = os.environ.get("TRL_CREDIT_ENGINE_DEVICE", "cpu")
 # believing it is rank 0 of its own group). The accelerate YAML keeps `use_cpu: false`: with `use_cpu: true`
 # `accelerate launch` starts one plain process (its simple launcher) and drops the DeepSpeed/FSDP settings.
 ENGINE_ARGS = {"ddp_backend": "gloo", "use_cpu": True} if DEVICE == "cpu" else {"use_cpu": False}
+# Under DeepSpeed/FSDP2 `PPOTrainer`'s critic is the submodule `trl_credit_critic` of the prepared policy.
+CRITIC_PREFIX = "trl_credit_critic."
 
 
 # ── inside the launched processes ──────────────────────────────────────────────────────────────────────────────────
@@ -116,12 +118,62 @@ def assert_engine(trainer, expected: str) -> dict:
     return info
 
 
-def full_parameters(model):
-    """Yield `(name, full tensor)` for every parameter of the (unwrapped) `model`, gathered from the shards on every
-    process: a collective, call it on all processes. Tied parameters appear once (`named_parameters`)."""
+def critic_module(trainer):
+    """`PPOTrainer`'s critic (`ValueModel`), unwrapped from DDP; under DeepSpeed/FSDP2 a submodule of the policy."""
+    return trainer.accelerator.unwrap_model(trainer.value_model)
+
+
+def assert_critic_engine(trainer, expected: str) -> dict:
+    """
+    Fail unless `PPOTrainer`'s critic is held by the same engine as the policy, sharded where the engine shards:
+    FSDP2 = every critic parameter a DTensor sharded over the processes; ZeRO-3 = every critic parameter partitioned;
+    ZeRO-2 = every trainable critic parameter among those the engine's ZeRO optimizer partitions (the policy's
+    engine: one engine, not a second one); DDP = a `DistributedDataParallel` critic of its own.
+    """
+    import torch
+
+    critic = critic_module(trainer)
+    params = list(critic.parameters())
+    full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    model = trainer.model_wrapped
+    policy_ids = {id(p) for p in trainer.accelerator.unwrap_model(model).parameters()}
+    inside = all(id(p) in policy_ids for p in params)
+    if expected == "ddp":
+        info = {"engine": "ddp" if isinstance(trainer.value_model, torch.nn.parallel.DistributedDataParallel)
+                else "none", "local_fraction": 1.0, "in_policy_engine": inside}  # fmt: skip
+    elif expected == "fsdp2":
+        from torch.distributed.tensor import DTensor
+
+        sharded = all(isinstance(p, DTensor) for p in params)
+        local = sum(p.to_local().numel() for p in params) if sharded else full
+        info = {"engine": "fsdp2" if sharded else "none", "local_fraction": local / full, "in_policy_engine": inside}
+    elif expected == "zero3":
+        partitioned = all(hasattr(p, "ds_tensor") for p in params)
+        local = sum(p.ds_tensor.numel() for p in params) if partitioned else full
+        info = {"engine": "zero3" if partitioned else "none", "local_fraction": local / full,
+                "in_policy_engine": inside}  # fmt: skip
+    else:
+        groups = getattr(getattr(model, "optimizer", None), "bit16_groups", None) or []
+        held = {id(p) for group in groups for p in group}
+        trainable = [p for p in params if p.requires_grad]
+        managed = bool(trainable) and all(id(p) in held for p in trainable)
+        info = {"engine": expected if managed else "none", "local_fraction": engine_of(model)["local_fraction"],
+                "in_policy_engine": inside}  # fmt: skip
+    ok = info["engine"] == expected and (expected == "ddp") != info["in_policy_engine"]
+    if not ok or (expected != "ddp" and not info["local_fraction"] < 0.75):
+        raise AssertionError(f"expected the critic under {expected} (sharded with the policy), got {info}")
+    return info
+
+
+def full_parameters(model, exclude: str | None = None):
+    """Yield `(name, full tensor)` for every parameter of the (unwrapped) `model` whose name does not start with
+    `exclude`, gathered from the shards on every process: a collective, call it on all processes. Tied parameters
+    appear once (`named_parameters`)."""
     from torch.distributed.tensor import DTensor
 
     for name, p in model.named_parameters():
+        if exclude is not None and name.startswith(exclude):
+            continue
         if isinstance(p, DTensor):
             yield name, p.full_tensor().detach()
         elif hasattr(p, "ds_id"):  # ZeRO-3 partitioned
@@ -133,12 +185,13 @@ def full_parameters(model):
             yield name, p.detach()
 
 
-def parameter_digest(model) -> list[float]:
-    """`[Σ p, Σ p², numel]` over the full parameters (float64): equal digests ⇔ (practically) equal weights."""
+def parameter_digest(model, exclude: str | None = None) -> list[float]:
+    """`[Σ p, Σ p², numel]` over the full parameters (float64) whose names do not start with `exclude`: equal digests
+    ⇔ (practically) equal weights."""
     import torch
 
     total, square, count = 0.0, 0.0, 0
-    for _, t in full_parameters(model):
+    for _, t in full_parameters(model, exclude):
         t = t.double()
         total += t.sum().item()
         square += t.square().sum().item()

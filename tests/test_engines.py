@@ -4,7 +4,8 @@
 One `accelerate launch` per engine runs all of that engine's cases in sequence (tests/scripts/engine_estimators.py;
 process start and model loading dominate a case's cost); the tests read what each rank recorded. Each launched case
 asserts the engine from the prepared model (`engines.assert_engine`: DTensor shards for FSDP2, ZeRO partitions for
-DeepSpeed), because accelerate silently runs DDP for an FSDP config on CPU (see tests/engines.py).
+DeepSpeed), because accelerate silently runs DDP for an FSDP config on CPU (see tests/engines.py). `PPOTrainer`'s
+critic (cases `ppo_*`) is asserted to live in the policy's engine, sharded with it.
 """
 
 import importlib.util
@@ -18,14 +19,17 @@ from engines import REPO, launch_engine
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "engine_estimators.py"
-EVERY_CASE = ("grpo", "tempo", "gigpo", "vineppo", "macro_tempo", "rhythm", "entropy", "lora")
-VLLM_CASES = ("vllm_server", "lora_vllm_server")  # vLLM samples on its own: not part of the cross-engine comparison
+EVERY_CASE = ("grpo", "tempo", "gigpo", "vineppo", "macro_tempo", "rhythm", "entropy", "lora", "spo_chain", "spo_tree")
+# vLLM samples on its own: not part of the cross-engine comparison
+VLLM_CASES = ("vllm_server", "lora_vllm_server", "ppo_vllm_server")
+# PPO with a learned critic (GAE), the critic in the policy's engine; `ppo_gae` also saves and resumes.
+PPO_CASES = ("ppo_gae", "ppo_lora")
 # ZeRO-2 shards only gradients and optimizer states (the forward is DDP's): the cross-engine cases and LoRA suffice.
 RUNS = {
-    "fsdp2": EVERY_CASE + VLLM_CASES,
-    "zero3": EVERY_CASE + VLLM_CASES,
-    "zero2": ("tempo", "vineppo", "lora"),
-    "ddp": ("tempo", "vineppo"),
+    "fsdp2": EVERY_CASE + PPO_CASES + VLLM_CASES,
+    "zero3": EVERY_CASE + PPO_CASES + VLLM_CASES,
+    "zero2": ("tempo", "vineppo", "lora") + PPO_CASES,
+    "ddp": ("tempo", "vineppo", "ppo_gae"),
 }
 ENGINE_CASES = [
     pytest.param(engine, case, marks=[pytest.mark.vllm] if case in VLLM_CASES else [])
@@ -33,6 +37,7 @@ ENGINE_CASES = [
     for case in cases
     if engine != "ddp"
 ]
+COMPARED_CASES = EVERY_CASE + PPO_CASES  # every case that runs on several engines with local generation
 # A metric each case must log (its estimator or weighting really ran), with a check of its value.
 CASE_METRICS = {
     "vineppo": ("credit/mc_rollouts", lambda v: v > 0),
@@ -42,6 +47,10 @@ CASE_METRICS = {
     "entropy": ("credit/frac_high_entropy", lambda v: 0 < v < 1),
     "tempo": ("credit/branch_token_frac", lambda v: v > 0),
     "gigpo": ("credit/advantage_std", lambda v: v > 0),
+    "spo_chain": ("credit/mc_rollouts", lambda v: v > 0),
+    "spo_tree": ("credit/spo_tree_nonzero_adv_frac", lambda v: v > 0),
+    "ppo_gae": ("value/loss", lambda v: math.isfinite(v) and v > 0),
+    "ppo_lora": ("value/loss", lambda v: math.isfinite(v) and v > 0),
 }
 
 
@@ -76,6 +85,12 @@ def _losses(record) -> list[dict]:
     return [h for h in record["log_history"] if "loss" in h and "grad_norm" in h]
 
 
+def _gradient_norm(log: dict) -> float:
+    """The norm of all trained gradients: DeepSpeed clips (and reports) policy and critic together, DDP and FSDP2
+    clip them separately and log the critic's as `value/grad_norm`."""
+    return math.hypot(log["grad_norm"], log.get("value/grad_norm", 0.0))
+
+
 @pytest.mark.parametrize("engine,case", ENGINE_CASES)
 @pytest.mark.distributed
 @pytest.mark.slow
@@ -99,6 +114,20 @@ def test_estimator_trains_sharded_under_the_engine(engine_run, engine, case):
         for r in rank["records"]:
             assert torch.isfinite(r["advantages"]).all()
         assert any(torch.count_nonzero(r["advantages"]) for r in rank["records"])
+    if case in PPO_CASES or case == "ppo_vllm_server":
+        for rank in ranks:
+            # the critic lives in the policy's engine (one engine), sharded like the policy
+            critic = rank["critic_engine"]
+            assert critic["engine"] == engine and critic["in_policy_engine"], critic
+            assert critic["local_fraction"] == pytest.approx(0.5, abs=0.05), critic
+        assert rec0["critic_digests"] == rec1["critic_digests"]
+        c0, c1, c2 = rec0["critic_digests"]
+        assert c0 != c1 and c1 != c2, "the critic did not train at every step"
+        assert all(math.isfinite(h["value/loss"]) for h in logs)
+        for rank in ranks:
+            for r in rank["records"]:  # rollout values (0 from the zero head at first) and GAE targets
+                assert torch.isfinite(r["values"]).all() and torch.isfinite(r["returns"]).all()
+            assert torch.count_nonzero(rank["records"][-1]["values"]) > 0  # the trained critic's values
     if case in CASE_METRICS:
         name, ok = CASE_METRICS[case]
         values = [h[name] for h in rec0["log_history"] if name in h]
@@ -109,8 +138,9 @@ def test_estimator_trains_sharded_under_the_engine(engine_run, engine, case):
         assert rec0["log_history"][0]["credit/capture_piggyback"] == 0.0
     if case == "entropy":
         assert rec0["log_history"][0]["credit/capture_piggyback"] == 1.0  # rode along TRL's old-log-prob pass
-    if case == "vllm_server":
-        # the server got the full policy gathered from the shards: the weights after step 1 (synced for step 2)
+    if case in ("vllm_server", "ppo_vllm_server"):
+        # the server got the full policy gathered from the shards: the weights after step 1 (synced for step 2);
+        # with PPO, the policy alone: the critic in the same engine is never sent (same names, sizes and values)
         assert rec0["synced_digest"] == pytest.approx(after_first, rel=1e-9)
     if case == "lora_vllm_server":
         # the adapter merged into the gathered base weights: base-model names and sizes, trained values
@@ -118,7 +148,7 @@ def test_estimator_trains_sharded_under_the_engine(engine_run, engine, case):
         assert rec0["synced_digest"][2] == base[2] and rec0["synced_digest"][:2] != pytest.approx(base[:2], rel=1e-6)
 
 
-@pytest.mark.parametrize("case", EVERY_CASE)
+@pytest.mark.parametrize("case", COMPARED_CASES)
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_first_step_is_identical_on_every_engine(engine_run, case):
@@ -134,12 +164,40 @@ def test_first_step_is_identical_on_every_engine(engine_run, case):
             assert torch.equal(a["completion_ids"], b["completion_ids"]), (ref_engine, engine, rank)
             assert torch.equal(a["completion_mask"], b["completion_mask"]), (ref_engine, engine, rank)
             torch.testing.assert_close(b["advantages"], a["advantages"], rtol=1e-5, atol=1e-6)
+            for key in ("values", "returns"):  # PPO: the critic's values and the GAE targets
+                if key in a:
+                    torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
         logs = _losses(got[0])[0]
         assert logs["loss"] == pytest.approx(ref_logs["loss"], rel=1e-5, abs=1e-6), (ref_engine, engine)
+        if "value/loss" in ref_logs:
+            assert logs["value/loss"] == pytest.approx(ref_logs["value/loss"], rel=1e-5, abs=1e-7)
         # the gradient each engine reduced (mean over ranks, clipped), and the update it made
-        assert logs["grad_norm"] == pytest.approx(ref_logs["grad_norm"], rel=1e-4), (ref_engine, engine)
+        assert _gradient_norm(logs) == pytest.approx(_gradient_norm(ref_logs), rel=1e-4), (ref_engine, engine)
         assert got[0]["digests"][0] == ref[0]["digests"][0], "the engines start from different weights"
         assert got[0]["digests"][1] == pytest.approx(ref[0]["digests"][1], rel=1e-6), (ref_engine, engine)
+        if ref[0]["critic_digests"]:
+            assert got[0]["critic_digests"][0] == ref[0]["critic_digests"][0], "the critics start differently"
+            assert got[0]["critic_digests"][1] == pytest.approx(ref[0]["critic_digests"][1], rel=1e-6), engine
+
+
+@pytest.mark.parametrize("engine", [engine for engine, cases in RUNS.items() if "ppo_gae" in cases])
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ppo_critic_saves_and_resumes_exactly_under_the_engine(engine_run, engine):
+    ranks = engine_run(engine)["ppo_gae"]
+    for rank in ranks:
+        # the saved policy and `value_model` hold the weights after the last step, gathered from the shards
+        assert rank["saved_policy_digest"] == pytest.approx(rank["digests"][-1], rel=1e-9)
+        assert rank["saved_critic_digest"] == pytest.approx(rank["critic_digests"][-1], rel=1e-9)
+        # resumed from the checkpoint of step 1 (the engine's own checkpoint): the same step 2
+        step2 = _losses(rank)[1]
+        again = _losses({"log_history": rank["resumed_log_history"]})[-1]
+        assert again["step"] == step2["step"] == 2
+        for key in ("loss", "value/loss", "value/explained_variance", "credit/advantage_mean"):
+            assert again[key] == pytest.approx(step2[key], rel=1e-6, abs=1e-9), key
+        torch.testing.assert_close(rank["resumed_records"][-1]["advantages"], rank["records"][-1]["advantages"])
+        assert rank["resumed_digests"][-1] == pytest.approx(rank["digests"][-1], rel=1e-9)
+        assert rank["resumed_critic_digests"][-1] == pytest.approx(rank["critic_digests"][-1], rel=1e-9)
 
 
 # ── the computed memory table of docs/scaling.md ───────────────────────────────────────────────────────────────────
@@ -173,3 +231,27 @@ def test_memory_formula_shards_only_what_each_engine_shards():
     trainable = m.MODELS["7B"]["params"] + m.backbone_params(m.MODELS["7B"]) + m.MODELS["7B"]["hidden"]
     expected = (8 * trainable + 2 * m.MODELS["7B"]["params"]) / gib
     assert m.model_states("7B", False, "DDP", 8) / gib == pytest.approx(expected)
+
+
+# ── FSDP setups the critic cannot use: refused at construction ─────────────────────────────────────────────────────
+@pytest.mark.parametrize(
+    "plugin_kwargs, match",
+    [
+        (dict(fsdp_version=1, auto_wrap_policy="transformer_based_wrap"), "not FSDP1"),
+        (dict(fsdp_version=2, auto_wrap_policy="size_based_wrap"), "TRANSFORMER_BASED_WRAP.*size_based_auto_wrap"),
+        (dict(fsdp_version=2, auto_wrap_policy="no_wrap"), "TRANSFORMER_BASED_WRAP.*uses None"),
+    ],
+)
+def test_fsdp_setups_the_critic_cannot_use_are_refused_with_a_clear_error(plugin_kwargs, match):
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from trl_credit.trainers.ppo import check_fsdp_plugin_for_critic
+
+    with pytest.raises(ValueError, match=match):
+        check_fsdp_plugin_for_critic(FullyShardedDataParallelPlugin(**plugin_kwargs))
+    # the shipped FSDP2 launch config is accepted
+    shipped = yaml.safe_load((REPO / "recipes/accelerate/fsdp2.yaml").read_text())["fsdp_config"]
+    assert (shipped["fsdp_version"], shipped["fsdp_auto_wrap_policy"]) == (2, "TRANSFORMER_BASED_WRAP")
+    recipe = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    check_fsdp_plugin_for_critic(recipe)

@@ -34,6 +34,25 @@ def test_credit_rows_drop_padding_broadcast_sequence_advantages_and_keep_markers
     assert credit_rows(CharTokenizer(), ids, per_token, mask)[1].advantages == [-0.5, 0.0]  # padding values dropped
 
 
+def test_credit_rows_keep_untrained_tokens_in_place_with_no_advantage():
+    ids = torch.tensor([[0, 1, 2, 0], [2, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    loss_mask = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 1]])  # e.g. SPO's probability mask; padding is dropped anyway
+    per_token = torch.tensor([[0.1, 0.2, 0.3, 0.4], [-0.5, 0.7, 9.0, 9.0]])
+    rows = credit_rows(CharTokenizer(), ids, per_token, mask, loss_mask=loss_mask)
+    assert rows[0].tokens == ["a", "b", "c", "a"] and rows[1].tokens == ["c", "b"]
+    assert rows[0].advantages[0] == pytest.approx(0.1) and rows[0].advantages[3] == pytest.approx(0.4)
+    assert all(a != a for a in rows[0].advantages[1:3]) and rows[1].advantages[0] != rows[1].advantages[0]  # NaN
+    page = credit_map_html(rows)
+    assert page.count("not trained (no advantage)") == 3
+    sequence_level = credit_rows(CharTokenizer(), ids, torch.tensor([1.0, -1.0]), mask, loss_mask=loss_mask)
+    assert [a == a for a in sequence_level[1].advantages] == [False, True]
+    with pytest.raises(ValueError, match="loss_mask rows"):
+        credit_rows(CharTokenizer(), ids, per_token, mask, loss_mask=loss_mask[:1])
+    with pytest.raises(ValueError, match="Row 0: loss_mask has 3 columns"):
+        credit_rows(CharTokenizer(), ids, per_token, mask, loss_mask=loss_mask[:, :3])
+
+
 def test_html_colours_follow_the_sign_and_size_of_the_advantage_and_box_the_marker():
     rows = [CreditRow(tokens=["a", "<", "b", "\n"], advantages=[-2.0, -1.0, 0.0, 2.0], label="r=0", marker=1)]
     html = credit_map_html({"TEMPO": rows}, title="t", scale=2.0)
@@ -107,3 +126,25 @@ def test_callback_logs_the_trained_batch_every_n_steps_and_falls_back_to_files(t
     assert used == [f"file:{tmp_path / 'w' / 'credit_maps'}"]
     assert (tmp_path / "w" / "credit_maps" / "step_7.html").is_file()
     assert sum("wandb" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_callback_draws_tokens_outside_spos_probability_mask_as_not_trained(tiny_model_dir, tmp_path):
+    from trl_credit import GRPOConfig, GRPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+
+    args = GRPOConfig(output_dir=str(tmp_path), advantage_estimator="spo_chain", max_steps=1, per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=12, **CPU_TEST_ARGS, seed=5, vine_num_rollouts=2,
+                      spo_cutpoint_threshold=0.004, spo_cutpoints_per_segment=2)  # fmt: skip
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=shaped_math_reward, args=args,
+                          train_dataset=tiny_math_dataset(8))  # fmt: skip
+    callback = CreditMapCallback(trainer, every_n_steps=1, max_rows=4)
+    trainer.add_callback(callback)
+    trainer.train()
+    kept = callback.last_batch
+    untrained = (kept["completion_mask"].bool() & ~kept["loss_mask"].bool()).sum().item()
+    assert untrained > 0, "the probability mask left every token in the loss: nothing to show"
+    rows = callback.rows()
+    assert sum(a != a for r in rows for a in r.advantages) == untrained  # NaN exactly where the loss does not train
+    page = (tmp_path / "credit_maps" / "step_1.html").read_text()
+    assert page.count("not trained (no advantage)") == untrained

@@ -79,6 +79,7 @@ def credit_rows(
     advantages: torch.Tensor | Sequence[Sequence[float]] | Sequence[float],
     completion_mask: torch.Tensor | Sequence[Sequence[int]] | None = None,
     *,
+    loss_mask: torch.Tensor | Sequence[Sequence[int]] | None = None,
     labels: Sequence[str] | None = None,
     markers: Sequence[int | None] | None = None,
     prompts: Sequence[str] | None = None,
@@ -95,6 +96,10 @@ def credit_rows(
             Per-token advantages, or one per completion (broadcast over its tokens).
         completion_mask (`torch.Tensor` of shape `(B, T)`, *optional*):
             1 on real tokens; padding is dropped. Defaults to all ones.
+        loss_mask (`torch.Tensor` of shape `(B, T)`, *optional*):
+            1 on the tokens the loss trains (TRL's `tool_mask`, which holds an estimator's `CreditOutput.loss_mask`,
+            e.g. SPO's probability mask, and masks tool outputs). Real tokens outside it keep their place in the row
+            with a `NaN` advantage, drawn grey as "not trained". Defaults to every real token.
         labels, markers, prompts (`list`, *optional*):
             Per row, as in [`CreditRow`].
 
@@ -107,12 +112,22 @@ def credit_rows(
         mask = [[1] * len(r) for r in ids]
     else:
         mask = completion_mask.tolist() if torch.is_tensor(completion_mask) else [list(m) for m in completion_mask]
-    if not (len(ids) == len(adv) == len(mask)):
-        raise ValueError(f"Got {len(ids)} completions, {len(adv)} advantage rows and {len(mask)} mask rows.")
+    if loss_mask is None:
+        trained = mask
+    else:
+        trained = loss_mask.tolist() if torch.is_tensor(loss_mask) else [list(m) for m in loss_mask]
+    if not (len(ids) == len(adv) == len(mask) == len(trained)):
+        raise ValueError(
+            f"Got {len(ids)} completions, {len(adv)} advantage rows, {len(mask)} completion_mask rows and "
+            f"{len(trained)} loss_mask rows; each must have one row per completion."
+        )
     rows = []
-    for i, (row_ids, row_adv, row_mask) in enumerate(zip(ids, adv, mask)):
+    for i, (row_ids, row_adv, row_mask, row_trained) in enumerate(zip(ids, adv, mask, trained)):
+        if len(row_trained) != len(row_mask):
+            raise ValueError(f"Row {i}: loss_mask has {len(row_trained)} columns, completion_mask {len(row_mask)}.")
         keep = [t for t, m in enumerate(row_mask) if m]
         values = [float(row_adv)] * len(keep) if not isinstance(row_adv, (list, tuple)) else [row_adv[t] for t in keep]
+        values = [v if row_trained[t] else math.nan for v, t in zip(values, keep)]
         rows.append(
             CreditRow(
                 tokens=[_token_text(tokenizer, row_ids[t]) for t in keep],
@@ -421,6 +436,8 @@ class CreditMapCallback(TrainerCallback):
                 self.last_batch = {
                     "completion_ids": out["completion_ids"][:n].detach().cpu(),
                     "completion_mask": out["completion_mask"][:n].detach().cpu(),
+                    # TRL's tool_mask holds the estimator's loss mask (SPO's probability mask) and tool outputs
+                    "loss_mask": out["tool_mask"][:n].detach().cpu() if "tool_mask" in out else None,
                     "advantages": out["advantages"][:n].detach().cpu().float(),
                     "prompts": trainer.processing_class.batch_decode(
                         out["prompt_ids"][:n].cpu(), skip_special_tokens=True
@@ -438,7 +455,7 @@ class CreditMapCallback(TrainerCallback):
             return []
         return credit_rows(
             self.trainer.processing_class, b["completion_ids"], b["advantages"], b["completion_mask"],
-            labels=[f"#{i}" for i in range(len(b["completion_ids"]))], prompts=b["prompts"],
+            loss_mask=b.get("loss_mask"), labels=[f"#{i}" for i in range(len(b["completion_ids"]))], prompts=b["prompts"],
         )  # fmt: skip
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -10,13 +10,18 @@ keeps TRL's generation (vLLM included), reward functions, PEFT, tools and loss t
 3. `_compute_loss` adds `vf_coef` × the clipped value loss to TRL's policy loss; the critic has its own optimizer
    parameter groups (`value_learning_rate`), gradient clipping, checkpoint (`<output_dir>/value_model`) and resume.
 
-The critic is a separate module, never a submodule of the policy, so vLLM's weight sync (which walks the policy's
-`named_parameters()`) never touches it. Under DDP it is wrapped by the accelerator like the policy.
+Single process and DDP: the critic is a separate module, prepared by the accelerator like the policy. DeepSpeed
+(ZeRO-2/3) and FSDP2 prepare one module per trainer (a second DeepSpeed engine would bring its own optimizer; FSDP2
+prepares models only with their optimizer), so there the critic is registered as a submodule of the policy (the
+pattern of TRL ≤ 0.12's `PolicyAndValueWrapper`, without a wrapper TRL would not know): one engine shards both, and
+the optimizer groups, clipping, saving and vLLM's weight sync separate them again by their name prefix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -33,6 +38,9 @@ from .grpo import GRPOTrainer
 
 VALUE_MODEL_DIR = "value_model"  # the critic is saved beside the policy, in <output_dir>/value_model
 VALUE_ADAPTER_NAME = "value"  # PEFT saves a non-default adapter in a sub-folder, <output_dir>/value_model/value
+# Under DeepSpeed and FSDP the critic is this submodule of the policy (one module, one engine; see
+# `PPOTrainer._attach_critic_to_policy`); its parameters are named `trl_credit_critic.model.…` there.
+CRITIC_MODULE = "trl_credit_critic"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
@@ -95,6 +103,41 @@ def tokenizer_differences(policy, critic, limit: int = 3) -> list[str]:
     return problems
 
 
+def _is_partitioned(module: nn.Module) -> bool:
+    """Whether `module` holds DeepSpeed ZeRO-3 partitioned parameters (built under `zero.Init`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _gathered(module: nn.Module, modifier_rank: int | None = None):
+    """Gather `module`'s ZeRO-3 partitioned parameters (writes by `modifier_rank` are kept); a no-op otherwise."""
+    if not _is_partitioned(module):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank)
+
+
+def check_fsdp_plugin_for_critic(plugin) -> None:
+    """Refuse an FSDP setup (an accelerate `FullyShardedDataParallelPlugin`) under which `PPOTrainer`'s critic cannot
+    be a shard unit of its own inside the policy's FSDP tree (see `PPOTrainer._attach_critic_to_policy`)."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "PPOTrainer's critic supports FSDP2 (fsdp_version: 2, as in recipes/accelerate/fsdp2.yaml), not "
+            "FSDP1: FSDP1 replaces the critic by a FullyShardedDataParallel wrapper of flattened shards, and "
+            "the critic's forward runs apart from the policy's. Set fsdp_version: 2."
+        )
+    policy = plugin.auto_wrap_policy
+    policy = policy.func if isinstance(policy, functools.partial) else policy
+    if policy is not transformer_auto_wrap_policy:
+        raise ValueError(
+            "PPOTrainer's critic under FSDP2 needs fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (as in "
+            "recipes/accelerate/fsdp2.yaml): the critic's forward runs apart from the policy's, so it must be a "
+            f"shard unit of its own; this launch uses {getattr(policy, '__name__', policy)}."
+        )
+
+
 class _ZeroCriticGradients(TrainerCallback):
     # `Trainer` zeroes only the policy's gradients after each optimizer step (`model.zero_grad()`).
     def __init__(self, module: nn.Module):
@@ -134,6 +177,7 @@ class PPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "ppo", "trl-credit"]
     _name = "PPO (trl-credit)"
     value_model: nn.Module | None = None  # set after TRL's constructor; None with Monte-Carlo values
+    _critic_prefix: str | None = None  # "trl_credit_critic." when the critic is a submodule of the policy
 
     def __init__(
         self,
@@ -197,11 +241,6 @@ class PPOTrainer(GRPOTrainer):
         )
 
         if uses_critic:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError(
-                    "PPOTrainer's critic supports single-process and DDP training, not DeepSpeed or FSDP. Launch "
-                    "with plain DDP (accelerate launch --multi_gpu, recipes/accelerate/multi_gpu.yaml)."
-                )
             if value_peft_config is None and args.value_peft_config is not None:
                 from peft import LoraConfig
 
@@ -211,10 +250,67 @@ class PPOTrainer(GRPOTrainer):
                 torch.manual_seed(args.seed)
                 critic = self._build_critic(critic_source, value_peft_config)
             self._check_critic_vocabulary(critic_source, critic)
-            self.value_model = self.accelerator.prepare_model(ValueModel(critic))
-            self.add_callback(_ZeroCriticGradients(self.value_model))
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                self._attach_critic_to_policy(ValueModel(critic))
+            else:
+                self.value_model = self.accelerator.prepare_model(ValueModel(critic))
+                self.add_callback(_ZeroCriticGradients(self.value_model))
         if args.kl_coef != 0.0:
             self._build_kl_reference(quantization_config)
+
+    # ── the critic under DeepSpeed / FSDP2: one module, one engine ─────────────────────────────────────────────────
+    def _attach_critic_to_policy(self, critic: ValueModel) -> None:
+        """
+        Register the critic as the submodule `trl_credit_critic` of the policy, so that the one module the Trainer
+        prepares (`accelerator.prepare(self.model, optimizer)`) holds both: one DeepSpeed engine, one FSDP2 tree, one
+        optimizer, one checkpoint. TRL keeps seeing `self.model` as the policy (generation, PEFT, log-probs); the
+        critic runs through its own forward (ZeRO-3's per-module hooks gather its weights; under FSDP2 it is its own
+        shard unit, added to the policy's `_no_split_modules`). On a PEFT policy the critic hangs on the `PeftModel`
+        itself, outside the tuner, so merging or disabling the policy's adapter never touches it.
+        """
+        if self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            check_fsdp_plugin_for_critic(plugin)
+            inner = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            name = type(critic).__name__
+            inner._no_split_modules = [*(inner._no_split_modules or []), name]  # read by accelerate's wrap policy
+            if plugin.transformer_cls_names_to_wrap is not None and name not in plugin.transformer_cls_names_to_wrap:
+                plugin.transformer_cls_names_to_wrap.append(name)  # a plugin already set up for another model
+            if isinstance(plugin.auto_wrap_policy, functools.partial):
+                classes = plugin.auto_wrap_policy.keywords.get("transformer_layer_cls", set())
+                plugin.auto_wrap_policy = functools.partial(
+                    plugin.auto_wrap_policy.func, transformer_layer_cls={*classes, type(critic)}
+                )
+        self.model.add_module(CRITIC_MODULE, critic)
+        self.value_model = critic
+        self._critic_prefix = CRITIC_MODULE + "."
+        self._root_initialized = False
+        if self.use_vllm:
+            # vLLM's weight sync walks the policy's `named_parameters()` (gathering each under ZeRO-3/FSDP2, a
+            # collective every rank runs): the critic's parameters are gathered like the others but never sent.
+            iterate = self.vllm_generation._iter_named_params
+            prefix = self._critic_prefix
+
+            def policy_parameters():
+                for name, param in iterate():
+                    if not name.startswith(prefix):
+                        yield name, param
+
+            self.vllm_generation._iter_named_params = policy_parameters
+
+    def _policy_named_parameters(self, model: nn.Module):
+        """The policy's own parameters of `model` (the prepared policy, which may hold the critic)."""
+        prefix = self._critic_prefix
+        return [(n, p) for n, p in model.named_parameters() if prefix is None or not n.startswith(prefix)]
+
+    def _initialize_root(self, input_ids: torch.Tensor) -> None:
+        # FSDP2 settles which module is the root at the first forward of any shard unit: it must be the policy's
+        # (with vLLM generation the critic's no-grad pass may come first). One forward of one token settles it.
+        if self._critic_prefix is None or self._root_initialized or not self.is_fsdp_enabled:
+            return
+        with torch.no_grad():
+            self.model(input_ids=input_ids[:1, :1], attention_mask=torch.ones_like(input_ids[:1, :1]))
+        self._root_initialized = True
 
     # ── critic construction ────────────────────────────────────────────────────────────────────────────────────────
     @staticmethod
@@ -232,7 +328,9 @@ class PPOTrainer(GRPOTrainer):
         if is_peft_model(model):
             return "policy_path", model.get_base_model().config._name_or_path
         backbone = getattr(model, model.base_model_prefix)
-        return "policy_module", (copy.deepcopy(model.config), backbone.state_dict(), model.dtype)
+        with _gathered(backbone):  # a policy built under DeepSpeed's zero.Init holds only its shards
+            state = {name: tensor.detach().clone() for name, tensor in backbone.state_dict().items()}
+        return "policy_module", (copy.deepcopy(model.config), state, model.dtype)
 
     def _build_critic(self, source: tuple[str, Any], peft_config) -> nn.Module:
         kind, payload = source
@@ -266,8 +364,14 @@ class PPOTrainer(GRPOTrainer):
             config, backbone_state, dtype = payload
             config.num_labels = 1
             critic = AutoModelForSequenceClassification.from_config(config)
-            getattr(critic, critic.base_model_prefix).load_state_dict(backbone_state)
-            critic = critic.to(dtype)
+            backbone = getattr(critic, critic.base_model_prefix)
+            # Under FSDP's cpu_ram_efficient_loading only rank 0 holds the weights (the others' may be on `meta`):
+            # accelerate's `prepare` broadcasts rank 0's critic with the policy.
+            if not any(t.is_meta for t in backbone_state.values()):
+                with _gathered(backbone, modifier_rank=0):
+                    backbone.load_state_dict(backbone_state)
+            if not _is_partitioned(critic):
+                critic = critic.to(dtype)
             self._zero_score_head(critic)
         else:
             raise ValueError(f"Unknown critic source {kind!r}.")
@@ -348,7 +452,8 @@ class PPOTrainer(GRPOTrainer):
     @staticmethod
     def _zero_score_head(critic: PreTrainedModel) -> None:
         # A zero head makes every initial value 0: a neutral baseline, no random offsets in the first advantages.
-        with torch.no_grad():
+        # Under zero.Init the head is partitioned: an in-place edit of the empty local shard would do nothing.
+        with _gathered(critic.score, modifier_rank=0), torch.no_grad():
             critic.score.weight.zero_()
             if getattr(critic.score, "bias", None) is not None:
                 critic.score.bias.zero_()
@@ -386,7 +491,24 @@ class PPOTrainer(GRPOTrainer):
         if args.disable_dropout:
             disable_dropout_in_model(ref)
         add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
-        self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
+        # As TRL prepares its own reference model (`beta != 0`): an inference engine of its own under DeepSpeed/FSDP.
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            self.ref_model = prepare_deepspeed(ref, self.accelerator)
+        elif self.is_fsdp_enabled:
+            from trl.models import prepare_fsdp
+
+            plugin = self.accelerator.state.fsdp_plugin
+            if self.accelerator.num_processes > 1 and getattr(plugin, "cpu_ram_efficient_loading", False):
+                # With cpu_ram_efficient_loading only rank 0 reads the checkpoint: transformers leaves the other ranks'
+                # weights uninitialized, and `prepare_fsdp` shards what each rank holds (the policy gets rank 0's
+                # weights from accelerate's `prepare`). Without this broadcast the KL is measured against garbage.
+                for tensor in ref.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+            self.ref_model = prepare_fsdp(ref, self.accelerator)
+        else:
+            self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
 
     # ── rollout: values, KL log-probs, advantages ──────────────────────────────────────────────────────────────────
     def _credit_requirement(self, requirement: str, out, ctx, batch_fields) -> dict[str, Any]:
@@ -417,6 +539,7 @@ class PPOTrainer(GRPOTrainer):
 
         critic = self.accelerator.unwrap_model(self.value_model)
         input_ids, attention_mask, P, T = self._critic_inputs(out)
+        self._initialize_root(input_ids)
         chunk = self.args.per_device_train_batch_size
         values = []
         with disable_gradient_checkpointing(critic.pretrained, self.args.gradient_checkpointing_kwargs):
@@ -522,11 +645,18 @@ class PPOTrainer(GRPOTrainer):
         return loss
 
     def create_optimizer(self, model=None):
+        user_supplied = self.optimizer is not None
         optimizer = super().create_optimizer(model)
         if self.value_model is None:
             return optimizer
         critic = self.accelerator.unwrap_model(self.value_model)
         named = [(n, p) for n, p in critic.named_parameters() if p.requires_grad]
+        if self._critic_prefix is not None and not user_supplied:
+            # The critic is a submodule of the policy: Trainer put its parameters into the policy's groups.
+            ids = {id(p) for _, p in named}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if any(id(p) in present for _, p in named):
             return optimizer  # a user-supplied optimizer that already holds the critic
@@ -541,6 +671,19 @@ class PPOTrainer(GRPOTrainer):
         return optimizer
 
     def _clip_grad_norm(self, model):
+        if self._critic_prefix is not None:
+            if self.is_deepspeed_enabled:
+                # DeepSpeed clips all of its engine's gradients together (`gradient_clipping`): policy and critic
+                # share one norm, and the returned norm is theirs together (docs/scaling.md).
+                return super()._clip_grad_norm(model)
+            # FSDP2: the policy and the critic clipped separately, as without sharding (DTensor-aware norms).
+            policy = [p for _, p in self._policy_named_parameters(model)]
+            grad_norm = self.accelerator.clip_grad_norm_(policy, self.args.max_grad_norm)
+            params = [p for p in self.value_model.parameters() if p.grad is not None]
+            if params:
+                value_norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+                self._metrics["train"]["value/grad_norm"].append(float(value_norm))
+            return grad_norm
         grad_norm = super()._clip_grad_norm(model)
         if self.value_model is not None:
             # After the policy's clip: fp16 gradients are already unscaled, and DDP has already averaged them.
@@ -552,15 +695,37 @@ class PPOTrainer(GRPOTrainer):
 
     # ── checkpoints ────────────────────────────────────────────────────────────────────────────────────────────────
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self._critic_prefix is not None:
+            self._save_policy_and_critic(output_dir, state_dict)
+            return
         super()._save(output_dir, state_dict=state_dict)
         if self.value_model is not None and self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             critic = self.accelerator.unwrap_model(self.value_model).model
             critic.save_pretrained(os.path.join(output_dir, VALUE_MODEL_DIR))
 
+    def _save_policy_and_critic(self, output_dir: str | None, state_dict) -> None:
+        """Under DeepSpeed/FSDP2: split the one model's full state dict (gathered from the shards on every rank by
+        `Trainer.save_model`) into the policy's checkpoint and the critic's `value_model` folder."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is not None and not state_dict:
+            # ZeRO-3 without `zero3_save_16bit_model`: Trainer writes only the engine checkpoint (policy and critic,
+            # recovered with DeepSpeed's zero_to_fp32.py); no gathered weights to split.
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        if state_dict is None:  # ZeRO-2 and unsharded saves: every rank holds the full parameters
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        critic_prefix = self._critic_prefix + "model."
+        policy_state = {k: v for k, v in state_dict.items() if not k.startswith(self._critic_prefix)}
+        critic_state = {k[len(critic_prefix) :]: v for k, v in state_dict.items() if k.startswith(critic_prefix)}
+        super()._save(output_dir, state_dict=policy_state)
+        if self.args.should_save:
+            self.value_model.model.save_pretrained(os.path.join(output_dir, VALUE_MODEL_DIR), state_dict=critic_state)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.value_model is not None:
+        # Under DeepSpeed/FSDP2 the critic is part of the engine's checkpoint, restored with the policy.
+        if self.value_model is not None and self._critic_prefix is None:
             self._load_value_model(os.path.join(resume_from_checkpoint, VALUE_MODEL_DIR))
 
     def _load_value_model(self, path: str) -> None:
