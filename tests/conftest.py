@@ -98,7 +98,15 @@ def vllm_cpu_colocate(monkeypatch):
     os.environ.update(saved_env)
     import gc
 
+    from vllm.v1.engine.core_client import InprocClient
+
     gc.collect()
+    # Shut down every in-process engine now. A failed test's traceback (pytest keeps it in sys.last_traceback) holds
+    # its trainer and engine alive; collected later, during another test, the engine's finalizer tears down vLLM's
+    # distributed state under that test's engine ("world group is not initialized"). A finalizer runs only once.
+    for obj in gc.get_objects():
+        if isinstance(obj, InprocClient) and getattr(obj, "_finalizer", None) is not None:
+            obj._finalizer()
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
     destroy_model_parallel()
