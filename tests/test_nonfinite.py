@@ -9,7 +9,7 @@ import torch
 from trl_credit import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from trl_credit.credit import CreditBatch
 from trl_credit.credit.batch import nonfinite_rewards_to_nan
-from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+from trl_credit.testing import CPU_TEST_ARGS, record_batches, shaped_math_reward, tiny_math_dataset
 
 
 INF = float("inf")
@@ -89,15 +89,7 @@ def train(model_dir, case, reward, tmp_path):
         num_generations=4, max_completion_length=6, learning_rate=1e-2, seed=5, **CPU_TEST_ARGS, **extra,
     )  # fmt: skip
     trainer = trainer_cls(model=model_dir, reward_funcs=reward, args=args, train_dataset=tiny_math_dataset(16))
-    seen = []
-    inner = trainer._generate_and_score_completions
-
-    def recorded(inputs):
-        out = inner(inputs)
-        seen.append({k: v.detach().clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
-        return out
-
-    trainer._generate_and_score_completions = recorded
+    seen = record_batches(trainer)
     trainer.train()
     return trainer, seen
 

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from trl_credit.rewards import gsm8k_reward, math_reward
+from trl_credit.testing import snapshot_batch
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def recorder(monkeypatch):
 
     def wrapped(self, inputs):
         out = inner(self, inputs)
-        batches.append({k: v.detach().clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
+        batches.append(snapshot_batch(out))
         return out
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", wrapped)
@@ -169,6 +170,32 @@ def run_recipe(recipe: Path, model_dir: str, out: Path, data, **extra):
     return trainer, before
 
 
+def language_nll(trainer, batches) -> tuple[float, float]:
+    """Mean negative log-likelihood per completion token under the trained policy, given the prompt: of the recorded
+    completions, and of the same tokens shuffled within each completion (same length and unigram content, no
+    language). Token soup (a wrong tokenizer, broken converted weights, misaligned ids) has no gap between the two."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    generator = torch.Generator().manual_seed(0)
+    totals = {"real": [0.0, 0], "shuffled": [0.0, 0]}
+    with torch.no_grad():
+        for b in batches:
+            prompt_ids, prompt_mask = b["prompt_ids"], b["prompt_mask"]
+            ids, mask = b["completion_ids"], b["completion_mask"].bool()
+            shuffled = ids.clone()
+            for row in range(ids.size(0)):
+                where = mask[row].nonzero().squeeze(1)
+                shuffled[row, where] = ids[row, where[torch.randperm(where.numel(), generator=generator)]]
+            for name, completion in (("real", ids), ("shuffled", shuffled)):
+                logits = model(input_ids=torch.cat([prompt_ids, completion], 1),
+                               attention_mask=torch.cat([prompt_mask, mask.long()], 1)).logits  # fmt: skip
+                logits = logits[:, prompt_ids.size(1) - 1 : -1].float()
+                nll = -logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+                totals[name][0] += nll[mask].sum().item()
+                totals[name][1] += int(mask.sum())
+    assert totals["real"][1] > 0, "no completion token reached the loss"
+    return totals["real"][0] / totals["real"][1], totals["shuffled"][0] / totals["shuffled"][1]
+
+
 def check_real_training(trainer, batches, before, steps=2):
     """What every real-model run must show: real English completions graded by the rewards, finite and non-trivial
     advantages that are zero on padding, finite losses, and trainable parameters that moved."""
@@ -179,10 +206,13 @@ def check_real_training(trainer, batches, before, steps=2):
     graded = [s for s in SEEN if s["reward"] == "answer"]
     assert graded, "the answer reward never ran"
     texts = [t for s in graded for t in s["texts"]]
-    wordy = [t for t in texts if len(re.findall(r"[A-Za-z]{2,}", t)) >= 5]
-    # MATH answers of this model are often LaTeX alone (`\\mathrm{9}`, `$$4p+3q=13$$`): half must be prose there
-    math_task = any(s["task"] == "math_reward" for s in graded)
-    assert len(wordy) >= (0.5 if math_task else 0.8) * len(texts), texts[:4]
+    if not any(s["task"] == "math_reward" for s in graded):
+        # word problems are answered in English (MATH answers of this model are often LaTeX alone, `\\mathrm{9}`)
+        wordy = [t for t in texts if len(re.findall(r"[A-Za-z]{2,}", t)) >= 5]
+        assert len(wordy) >= 0.8 * len(texts), texts[:4]
+    real_nll, shuffled_nll = language_nll(trainer, batches)
+    # the trained text is the model's own language, prose or LaTeX: far likelier than the same tokens in random order
+    assert real_nll < 3.0 and real_nll < shuffled_nll - 1.0, (real_nll, shuffled_nll, texts[:4])
     assert len(set(texts)) > len(texts) // 2, "sampled completions should differ"
     for s in graded:
         assert all(v in (0.0, 1.0) for v in s["values"]), s["values"]

@@ -1,6 +1,7 @@
 """Short training runs on the tiny local model: each estimator with LoRA, num_iterations=2, beta>0, and bad inputs."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from peft import LoraConfig
 
 from trl_credit import GRPOConfig, GRPOTrainer
 from trl_credit.credit import ADVANTAGE_ESTIMATORS, CreditOutput, register_advantage_estimator
-from trl_credit.testing import CPU_TEST_ARGS, shaped_math_reward, tiny_math_dataset
+from trl_credit.testing import CPU_TEST_ARGS, record_batches, shaped_math_reward, tiny_math_dataset
 
 
 pytestmark = pytest.mark.slow
@@ -29,21 +30,6 @@ def make_args(tmp_path, **kw):
     return GRPOConfig(**base)
 
 
-class AdvantageRecorder:
-    """Wraps a trainer's `_generate_and_score_completions` to keep what reached the loss."""
-
-    def __init__(self, trainer):
-        self.batches = []
-        inner = trainer._generate_and_score_completions
-
-        def wrapped(inputs):
-            out = inner(inputs)
-            self.batches.append({k: v.detach().clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
-            return out
-
-        trainer._generate_and_score_completions = wrapped
-
-
 def run(model_dir, tmp_path, reward_funcs=shaped_math_reward, dataset=None, peft_config=None, **kw):
     trainer = GRPOTrainer(
         model=model_dir,
@@ -53,7 +39,7 @@ def run(model_dir, tmp_path, reward_funcs=shaped_math_reward, dataset=None, peft
         peft_config=peft_config,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    recorder = AdvantageRecorder(trainer)
+    recorder = SimpleNamespace(batches=record_batches(trainer))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all(math.isfinite(h["loss"]) for h in logs)

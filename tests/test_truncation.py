@@ -7,7 +7,7 @@ from datasets import Dataset
 
 from trl_credit import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from trl_credit.credit import CreditBatch, call_estimator, get_advantage_estimator, ngram_segments
-from trl_credit.testing import CPU_TEST_ARGS
+from trl_credit.testing import CPU_TEST_ARGS, record_batches
 
 
 GRPO_TOKEN_0 = [0.8659, 0.8659, -0.8659, 0.0]  # rewards [1, 1, 0, 0]: (r − 0.5) / (0.5774 + 1e-4), row 3 masked
@@ -35,15 +35,7 @@ def first_batch(model_dir, tmp_path, trainer_cls=GRPOTrainer, config_cls=GRPOCon
     )  # fmt: skip
     trainer = trainer_cls(model=model_dir, reward_funcs=half_correct, args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}), rollout_func=fixed_rollout)
-    seen = []
-    inner = trainer._generate_and_score_completions
-
-    def recorded(inputs):
-        out = inner(inputs)
-        seen.append({k: v.detach().clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
-        return out
-
-    trainer._generate_and_score_completions = recorded
+    seen = record_batches(trainer)
     trainer.train()
     return trainer, seen[0]
 

@@ -3,7 +3,8 @@
 `build_tiny_model(dir)` writes a randomly initialised Qwen2 (hidden 128, 2 heads of dim 64, which vLLM's CPU attention
 backend accepts) and a byte-level BPE tokenizer trained on a small built-in math corpus, with a Qwen-style chat
 template. `tiny_math_dataset()` gives "What is a + b?" prompts with a `solution` column, and `shaped_math_reward`
-a reward with partial credit so that the groups of a random policy have non-zero reward variance.
+a reward with partial credit so that the groups of a random policy have non-zero reward variance. `record_batches`
+keeps what reached a trainer's loss (completions, masks, advantages) for inspection.
 """
 
 from __future__ import annotations
@@ -149,3 +150,33 @@ def shaped_math_reward(completions, solution, **kwargs) -> list[float]:
 def length_reward(completions, **kwargs) -> list[float]:
     """A dense, always-varying reward for smoke tests: completion length / 50."""
     return [len(_text(c)) / 50.0 for c in completions]
+
+
+def snapshot_batch(batch: dict) -> dict:
+    """The tensors of one `_generate_and_score_completions` output (completion ids and masks, advantages, the loss
+    mask of estimators that return one...), detached and cloned: what the loss of that step saw."""
+    import torch
+
+    return {k: v.detach().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def record_batches(trainer) -> list[dict]:
+    """Keep every batch that reaches `trainer`'s loss: wraps the instance's `_generate_and_score_completions` and
+    returns the list that each call's `snapshot_batch` is appended to (one entry per generation batch on this
+    process). For trainers built out of reach (inside `trl_credit.train.train`), wrap the class method the same way.
+
+    Example:
+        >>> batches = record_batches(trainer)
+        >>> trainer.train()
+        >>> batches[0]["advantages"].shape  # (B, T) for token-level estimators
+    """
+    batches: list[dict] = []
+    inner = trainer._generate_and_score_completions
+
+    def recorded(inputs):
+        out = inner(inputs)
+        batches.append(snapshot_batch(out))
+        return out
+
+    trainer._generate_and_score_completions = recorded
+    return batches
