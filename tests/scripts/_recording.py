@@ -16,10 +16,11 @@ from trl_credit import GRPOConfig
 from trl_credit.testing import CPU_TEST_ARGS, tiny_math_dataset
 
 
-def run_recording(trainer_cls, reward_func, positional=(), **settings):
+def run_recording(trainer_cls, reward_func, positional=(), trainer_kwargs=None, **settings):
     """Train `trainer_cls` (whose class attribute `records` it fills) and save the records per rank.
 
-    `positional` names the config fields given as positional arguments after OUT_DIR (e.g. `("advantage_estimator",)`).
+    `positional` names the config fields given as positional arguments after OUT_DIR (e.g. `("advantage_estimator",)`);
+    `trainer_kwargs` are passed to the trainer (e.g. a `rollout_func`).
     """
     model_dir, out_dir, *rest = sys.argv[1:]
     values, extra = rest[: len(positional)], rest[len(positional) :]
@@ -31,7 +32,7 @@ def run_recording(trainer_cls, reward_func, positional=(), **settings):
     kw.update(zip(positional, values, strict=True))
     kw.update({k: ast.literal_eval(v) for k, v in (e.split("=", 1) for e in extra)})
     trainer = trainer_cls(model=model_dir, reward_funcs=reward_func, args=GRPOConfig(**kw),
-                          train_dataset=tiny_math_dataset(24))  # fmt: skip
+                          train_dataset=tiny_math_dataset(24), **(trainer_kwargs or {}))  # fmt: skip
     trainer.train()
     torch.save(trainer.records, f"{out_dir}/rank{trainer.accelerator.process_index}.pt")
     if trainer.accelerator.is_main_process:
