@@ -104,8 +104,14 @@ def vllm_cpu_colocate(monkeypatch):
     # Shut down every in-process engine now. A failed test's traceback (pytest keeps it in sys.last_traceback) holds
     # its trainer and engine alive; collected later, during another test, the engine's finalizer tears down vLLM's
     # distributed state under that test's engine ("world group is not initialized"). A finalizer runs only once.
-    for obj in gc.get_objects():
-        if isinstance(obj, InprocClient) and getattr(obj, "_finalizer", None) is not None:
+    from trl_credit.trainers.grpo import _COLOCATED_TRAINERS, _has_live_colocated_engine
+
+    engines = [o for o in gc.get_objects() if isinstance(o, InprocClient)]
+    # (gc.get_objects() misses engines whose trainer outlives the test, e.g. held by a recording list)
+    engines += [t.vllm_generation.llm.llm_engine.engine_core for t in list(_COLOCATED_TRAINERS)
+                if _has_live_colocated_engine(t)]  # fmt: skip
+    for obj in engines:
+        if getattr(obj, "_finalizer", None) is not None:
             obj._finalizer()
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 

@@ -126,14 +126,56 @@ def test_apply_colocate_wraps_trls_llm_once_and_a_second_call_replaces_the_setti
         vllm_cpu.apply_colocate(kv_cache_mib=-5)
 
 
-def test_trl_credit_train_passes_the_kv_cache_field_to_the_colocated_engine(monkeypatch):
-    from trl_credit import train as train_module
-
-    seen = {}
+def test_training_configs_get_the_cpu_patches_of_their_vllm_mode_and_gpu_builds_none(monkeypatch):
+    applied = []
+    monkeypatch.setattr(vllm_cpu, "apply_colocate", lambda **kw: applied.append(("colocate", kw)))
+    monkeypatch.setattr(vllm_cpu, "apply_server_client", lambda: applied.append(("server", {})))
     monkeypatch.setattr(vllm_cpu, "is_vllm_cpu", lambda: True)
-    monkeypatch.setattr(vllm_cpu, "apply_colocate", lambda **kw: seen.update(kw))
-    train_module._prepare_vllm_on_cpu(config(use_vllm=True, vllm_cpu_kv_cache_mib=1536))
-    assert seen == {"kv_cache_mib": 1536}
+    assert vllm_cpu.prepare_for_training(config(use_vllm=True, vllm_cpu_kv_cache_mib=1536)) is True
+    assert vllm_cpu.prepare_for_training(config(use_vllm=True, vllm_mode="server")) is True
+    assert vllm_cpu.prepare_for_training(config(use_vllm=False)) is False
+    monkeypatch.setattr(vllm_cpu, "is_vllm_cpu", lambda: False)  # a GPU build: untouched
+    assert vllm_cpu.prepare_for_training(config(use_vllm=True)) is False
+    assert applied == [("colocate", {"kv_cache_mib": 1536}), ("server", {})]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_python_api_trainer_builds_its_cpu_engine_from_its_config_without_explicit_patches(tiny_model_dir,
+                                                                                           vllm_cpu_colocate,
+                                                                                           monkeypatch, tmp_path):  # fmt: skip
+    """`trl_credit.GRPOTrainer(args=GRPOConfig(use_vllm=True))` on vLLM's CPU build, with no call to `apply_colocate`:
+    the engine gets the config's KV cache and re-packs its kernels after each sync (before, only `trl-credit train`
+    patched: the Python API got vLLM's default cache of several GiB and sampled from the initial weights)."""
+    import torch
+    import trl.generation.vllm_generation as tvg
+    import vllm.model_executor.layers.utils as vlu
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from trl_credit import GRPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, length_reward, tiny_math_dataset
+
+    # undo the fixture's patches (its teardown restores the originals again)
+    monkeypatch.setattr(tvg, "LLM", tvg.LLM._trl_credit_original)
+    monkeypatch.setattr(vlu, "dispatch_cpu_unquantized_gemm", vlu.dispatch_cpu_unquantized_gemm._trl_credit_original)
+    monkeypatch.setattr(VLLMGeneration, "sync_weights", VLLMGeneration.sync_weights.__wrapped__)
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128,
+                      vllm_cpu_kv_cache_mib=48, **CPU_TEST_ARGS)  # fmt: skip
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=length_reward, args=args,
+                          train_dataset=tiny_math_dataset(8))  # fmt: skip
+    engine = trainer.vllm_generation.llm.llm_engine
+    assert engine.vllm_config.cache_config.kv_cache_memory_bytes == 48 * MiB
+    prefix = trainer.processing_class.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True
+    )
+    prefix = list(prefix if isinstance(prefix, list) else prefix["input_ids"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    trainer.vllm_generation.sync_weights()  # what the trainer does before each generation
+    assert _logprob_gap(trainer, prefix) < 1e-4
 
 
 # ── GRPOConfig defaults on a CPU build ─────────────────────────────────────────────────────────────────────────────
@@ -356,3 +398,35 @@ def test_serve_adds_the_weight_sync_extension_and_refuses_a_foreign_one():
         vllm_cpu._with_sync_extension(["--worker-extension-cls", "collections.OrderedDict"])
     with pytest.raises(SystemExit, match="cannot import it"):
         vllm_cpu._with_sync_extension(["--worker-extension-cls=no_such_module_xyz.Ext"])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_second_colocated_trainer_is_refused_while_the_first_lives_and_builds_once_it_is_deleted(tiny_model_dir,
+                                                                                                   vllm_cpu_colocate,
+                                                                                                   tmp_path):  # fmt: skip
+    """Before: the second trainer was built, and when the first was collected (a notebook reassigning `trainer`), its
+    engine's shutdown destroyed the process group: "Default process group has not been initialized" at the next
+    step."""
+    import gc
+
+    from trl_credit import GRPOTrainer
+    from trl_credit.testing import CPU_TEST_ARGS, length_reward, tiny_math_dataset
+
+    def build(name, **kw):
+        args = GRPOConfig(output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=4,
+                          num_generations=2, max_completion_length=6, vllm_max_model_length=128, **CPU_TEST_ARGS,
+                          **kw)  # fmt: skip
+        return GRPOTrainer(model=tiny_model_dir, reward_funcs=length_reward, args=args,
+                           train_dataset=tiny_math_dataset(8))  # fmt: skip
+
+    first = build("first", use_vllm=True, vllm_mode="colocate")
+    first.train()
+    with pytest.raises(RuntimeError, match=r"colocated vLLM engine already exists.*del trainer"):
+        build("second", use_vllm=True, vllm_mode="colocate")
+    build("no_vllm")  # trainers without a colocated engine are not concerned
+    del first
+    gc.collect()
+    second = build("second", use_vllm=True, vllm_mode="colocate")
+    second.train()
+    assert second.state.global_step == 1

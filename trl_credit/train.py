@@ -368,21 +368,6 @@ def build_datasets(script_args):
     return train, test
 
 
-def _prepare_vllm_on_cpu(training_args) -> None:
-    """vLLM's CPU build needs patches that TRL does not apply (see `trl_credit.generation.vllm_cpu`); GPU runs are
-    untouched. The config already resolved the CPU defaults (`vllm_importance_sampling_correction` off, sleep mode off:
-    `trl_credit.configs.vllm_cpu`); the colocated engine gets the KV cache of `vllm_cpu_kv_cache_mib`."""
-    if not training_args.use_vllm:
-        return
-    from .generation.vllm_cpu import apply_colocate, apply_server_client, is_vllm_cpu
-
-    if is_vllm_cpu():
-        if training_args.vllm_mode == "colocate":
-            apply_colocate(kv_cache_mib=training_args.vllm_cpu_kv_cache_mib)
-        else:
-            apply_server_client()
-
-
 # ── the run record: which run the checkpoints of an output_dir belong to ───────────────────────────────────────────
 RUN_RECORD = "trl_credit_run.json"
 # Keys that may change between a run and its resumption: how long it runs, where and how often it logs, saves and
@@ -609,7 +594,6 @@ def run(prepared: dict[str, Any]):
     from trl import get_peft_config
 
     script_args, training_args, model_args = (prepared[k] for k in ("script_args", "training_args", "model_args"))
-    _prepare_vllm_on_cpu(training_args)
     trainer_cls = _import(TRAINERS[script_args.trainer][0])
     trainer = trainer_cls(
         model=model_args.model_name_or_path,

@@ -253,8 +253,8 @@ def build_cpu_llm(*args, llm_cls=None, settings: dict | None = None, **kwargs):
 
 def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv_cache_mib: int | None = None) -> None:
     """
-    Patches for `GRPOConfig(use_vllm=True, vllm_mode="colocate")` on CPU; call before building the trainer
-    (`trl-credit train` does). TRL's `LLM(...)` call then goes through [`build_cpu_llm`] with these settings; calling
+    Patches for `GRPOConfig(use_vllm=True, vllm_mode="colocate")` on CPU, applied by `trl_credit.GRPOTrainer` when it is
+    built ([`prepare_for_training`]); call it yourself only for TRL's own trainer. TRL's `LLM(...)` call then goes through [`build_cpu_llm`] with these settings; calling
     again replaces the settings.
 
     Args:
@@ -286,6 +286,23 @@ def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv
     trl_vllm_generation.LLM = LLM
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def prepare_for_training(args) -> bool:
+    """
+    Apply the vLLM-CPU patches a training config needs, before the trainer builds its engine or client: colocate mode
+    gets [`apply_colocate`] with the config's `vllm_cpu_kv_cache_mib`, server mode [`apply_server_client`]. Nothing
+    happens without `use_vllm` or on a GPU build of vLLM. `trl_credit.GRPOTrainer` (hence `PPOTrainer` and
+    `trl-credit train`) calls it in its constructor, so the Python API gets the same engine as the CLI. Returns whether
+    patches were applied.
+    """
+    if not getattr(args, "use_vllm", False) or not is_vllm_cpu():
+        return False
+    if args.vllm_mode == "colocate":
+        apply_colocate(kv_cache_mib=getattr(args, "vllm_cpu_kv_cache_mib", None))
+    else:
+        apply_server_client()
+    return True
 
 
 # The file the trainer writes in its sync directory, and the worker-extension method that loads it on the server.

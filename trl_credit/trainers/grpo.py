@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from .._compat import check_trl_compatibility
 from ..configs import GRPOConfig
 from ..credit import CreditBatch, CreditOutput, call_estimator, get_advantage_estimator
 from ..credit.batch import nonfinite_rewards_to_nan
+from ..generation.vllm_cpu import prepare_for_training
 from ..rewards.checks import validated_reward_funcs
 from .macro_actions import MacroActionMixin
 from .monte_carlo import VinePPOMixin
@@ -37,6 +39,38 @@ from .token_weights import TokenWeightingMixin
 
 
 check_trl_compatibility()
+
+
+# Trainers of this process whose colocated vLLM engine may still be running (see `_refuse_a_second_colocated_engine`).
+_COLOCATED_TRAINERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _has_live_colocated_engine(trainer) -> bool:
+    llm = getattr(getattr(trainer, "vllm_generation", None), "llm", None)
+    if llm is None:
+        return False
+    finalizer = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "_finalizer", None)
+    return finalizer is None or finalizer.alive  # vLLM's in-process client: alive until its engine shut down
+
+
+def _refuse_a_second_colocated_engine(args) -> None:
+    """
+    One colocated vLLM engine per process. A second one starts, but it shares the process's distributed state with the
+    first, and when the first trainer is garbage-collected its engine's shutdown destroys that state: the second
+    trainer then fails at its first step ("Default process group has not been initialized"), typically in a notebook
+    or a sweep that reassigns `trainer = GRPOTrainer(...)`. Refused here, with the fix, instead.
+    """
+    if not (args.use_vllm and args.vllm_mode == "colocate"):
+        return
+    live = [t for t in list(_COLOCATED_TRAINERS) if _has_live_colocated_engine(t)]
+    if live:
+        raise RuntimeError(
+            f"A trainer with a colocated vLLM engine already exists in this process ({type(live[0]).__name__}, "
+            f"output_dir={live[0].args.output_dir!r}). Two colocated engines cannot share a process: when the first "
+            "trainer is garbage-collected, its engine's shutdown destroys the distributed state the second one uses. "
+            "Delete the first trainer before building this one (`del trainer; import gc; gc.collect()`), or run each "
+            "training in its own process."
+        )
 
 
 class GRPOTrainer(SPOTreeMixin, SPOMixin, VinePPOMixin, TokenWeightingMixin, MacroActionMixin, _TRLGRPOTrainer):
@@ -93,6 +127,9 @@ class GRPOTrainer(SPOTreeMixin, SPOMixin, VinePPOMixin, TokenWeightingMixin, Mac
                 "weighted reward non-finite, hence every completion unscorable."
             )
         self.credit_estimator = get_advantage_estimator(args.advantage_estimator)
+        _refuse_a_second_colocated_engine(args)
+        # vLLM's CPU build: the engine settings of the config (KV cache, packed kernels re-packed after each sync)
+        prepare_for_training(args)
         self._credit_ctx: dict[str, Any] | None = None
         self._warned_nonfinite_rewards = False
         super().__init__(
@@ -113,6 +150,8 @@ class GRPOTrainer(SPOTreeMixin, SPOMixin, VinePPOMixin, TokenWeightingMixin, Mac
         )
         if args.advantage_estimator != "grpo" and self.model is not None:
             self.model.add_model_tags([args.advantage_estimator])
+        if args.use_vllm and args.vllm_mode == "colocate":
+            _COLOCATED_TRAINERS.add(self)
 
     # ── seam 1: keep the gathered rewards ──────────────────────────────────────────────────────────────────────────
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
