@@ -672,3 +672,21 @@ def test_credit_map_figure_wraps_long_real_text_rows_within_the_width_and_keeps_
     finally:
         plt.close(flat)
         plt.close(wrapped)
+
+
+def test_reading_does_not_claim_identical_samples_when_two_estimators_only_share_accuracy_counts():
+    from trl_credit.demo.report import reading
+
+    def run(seed, credit):
+        points = [{"step": s, "accuracy": a, "step_error_rate": math.nan} for s, a in ((0, 0.0625), (4, 0.09375))]
+        stats = {"mean_abs_advantage": credit, "neg_share_after_first_error_token": math.nan,
+                 "neg_share_after_first_error_step": math.nan, "extra_credit_token_frac": 1.0,
+                 "zero_advantage_token_frac": 0.0, "trained_token_frac": 1.0, "train_reward_mean": 0.2}  # fmt: skip
+        return {"seed": seed, "points": points, "step_times": [90.0], "credit": stats}
+
+    results = {"settings": {"eval_problems": 32}, "estimators": {
+        "ppo": {"label": "PPO", "runs": [run(0, 0.2)]}, "spo_tree": {"label": "SPO-tree", "runs": [run(0, 0.9)]}}}
+    text = " ".join(reading(results))
+    assert "PPO and SPO-tree gave the same held-out accuracy" in text
+    assert "coincidence of counts" in text and "out of 32 evaluation problems" in text
+    assert "too little to change any sampled token" not in text

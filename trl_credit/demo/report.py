@@ -328,8 +328,10 @@ def reading(results: dict[str, Any]) -> list[str]:
             "every seed. "
             + ("Their credit statistics are identical too: check that these settings really differ."
                if same_credit else
-               "Their credit statistics differ (table), so their updates differed, but too little to change any "
-               "sampled token under the shared sampling seeds.")
+               "Their credit statistics differ (table), so their updates differed: either too little to change "
+               "the sampled answers under the shared sampling seeds, or by a coincidence of counts (each accuracy "
+               f"is a count out of {results['settings'].get('eval_problems', '?')} evaluation problems; the answers "
+               "themselves are not compared).")
         )  # fmt: skip
     times = {v["label"]: mean_std([run_summary(r)["s_per_step"] for r in v["runs"]])[0] for v in est.values()}
     if "grpo" in est and math.isfinite(times.get(est["grpo"]["label"], math.nan)):
