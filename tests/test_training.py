@@ -1,7 +1,6 @@
 """Short training runs on the tiny local model: each estimator with LoRA, num_iterations=2, beta>0, and bad inputs."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,14 +38,14 @@ def run(model_dir, tmp_path, reward_funcs=shaped_math_reward, dataset=None, peft
         peft_config=peft_config,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    recorder = SimpleNamespace(batches=record_batches(trainer))
+    batches = record_batches(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all(math.isfinite(h["loss"]) for h in logs)
-    for batch in recorder.batches:
+    for batch in batches:
         assert torch.isfinite(batch["advantages"]).all()
     moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    return trainer, logs, recorder, moved
+    return trainer, logs, batches, moved
 
 
 @pytest.mark.parametrize("estimator", ["tempo", "gigpo"])
@@ -63,15 +62,15 @@ def run(model_dir, tmp_path, reward_funcs=shaped_math_reward, dataset=None, peft
 def test_token_level_estimators_train(tiny_model_dir, tmp_path, estimator, variant):
     variant = dict(variant)
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if variant.pop("peft", False) else None
-    trainer, logs, recorder, moved = run(
+    trainer, logs, batches, moved = run(
         tiny_model_dir, tmp_path, advantage_estimator=estimator, peft_config=peft, **variant
     )
     assert moved, "no trainable parameter changed"
     if peft is not None:
         assert all("lora_" in n for n in moved)
-    adv = recorder.batches[0]["advantages"]
+    adv = batches[0]["advantages"]
     assert adv.dim() == 2  # per-token advantages reached the loss
-    mask = recorder.batches[0]["completion_mask"]
+    mask = batches[0]["completion_mask"]
     assert torch.count_nonzero(adv[mask == 0]) == 0
     assert any(h["credit/extra_credit_token_frac"] > 0 for h in logs)
     if "beta" in variant:
@@ -90,8 +89,8 @@ def abstaining_reward(completions, **kwargs):
 
 @pytest.mark.parametrize("estimator", ["grpo", "tempo", "gigpo"])
 def test_none_and_nan_rewards_never_reach_the_loss_as_nan(tiny_model_dir, tmp_path, estimator):
-    _, _, recorder, _ = run(tiny_model_dir, tmp_path, reward_funcs=abstaining_reward, advantage_estimator=estimator)
-    adv = recorder.batches[0]["advantages"]
+    _, _, batches, _ = run(tiny_model_dir, tmp_path, reward_funcs=abstaining_reward, advantage_estimator=estimator)
+    adv = batches[0]["advantages"]
     rows = adv if adv.dim() == 1 else adv.abs().sum(1)
     assert torch.count_nonzero(rows[0::2]) == 0  # unscorable completions carry no signal
 
@@ -100,23 +99,23 @@ def test_none_and_nan_rewards_never_reach_the_loss_as_nan(tiny_model_dir, tmp_pa
 def test_completions_cut_at_max_length_and_masked_truncations(tiny_model_dir, tmp_path, estimator):
     # every completion hits the length limit; mask_truncated_completions turns them into empty rows
     run(tiny_model_dir, tmp_path, advantage_estimator=estimator, max_completion_length=3)
-    _, logs, recorder, _ = run(
+    _, logs, batches, _ = run(
         tiny_model_dir, tmp_path, advantage_estimator=estimator, max_completion_length=3,
         mask_truncated_completions=True,
     )
-    batch = recorder.batches[0]
+    batch = batches[0]
     assert torch.count_nonzero(batch["advantages"][batch["completion_mask"] == 0]) == 0
 
 
 @pytest.mark.parametrize("estimator", ["tempo", "gigpo"])
 def test_group_of_identical_completions_gives_zero_advantages(tiny_model_dir, tmp_path, estimator):
     # a near-greedy temperature makes every completion of a prompt identical, so rewards and tree values agree
-    _, logs, recorder, _ = run(
+    _, logs, batches, _ = run(
         tiny_model_dir, tmp_path, advantage_estimator=estimator, temperature=1e-4, per_device_train_batch_size=4
     )
-    ids = recorder.batches[0]["completion_ids"]
+    ids = batches[0]["completion_ids"]
     assert all(torch.equal(ids[0], ids[i]) for i in range(4))
-    assert torch.count_nonzero(recorder.batches[0]["advantages"]) == 0
+    assert torch.count_nonzero(batches[0]["advantages"]) == 0
 
 
 BROKEN_OUTPUTS = {
@@ -141,8 +140,8 @@ def test_a_broken_estimator_output_stops_training_naming_the_estimator(tiny_mode
 
 
 def test_custom_estimator_by_dotted_path_trains(tiny_model_dir, tmp_path):
-    _, logs, recorder, moved = run(tiny_model_dir, tmp_path, advantage_estimator="test_training.position_weighted")
-    adv = recorder.batches[0]["advantages"]
+    _, logs, batches, moved = run(tiny_model_dir, tmp_path, advantage_estimator="test_training.position_weighted")
+    adv = batches[0]["advantages"]
     assert adv.dim() == 2 and moved
 
 

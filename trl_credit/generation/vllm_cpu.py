@@ -254,8 +254,8 @@ def build_cpu_llm(*args, llm_cls=None, settings: dict | None = None, **kwargs):
 def apply_colocate(dtype: str | None = "float32", enforce_eager: bool = True, kv_cache_mib: int | None = None) -> None:
     """
     Patches for `GRPOConfig(use_vllm=True, vllm_mode="colocate")` on CPU, applied by `trl_credit.GRPOTrainer` when it is
-    built ([`prepare_for_training`]); call it yourself only for TRL's own trainer. TRL's `LLM(...)` call then goes through [`build_cpu_llm`] with these settings; calling
-    again replaces the settings.
+    built ([`prepare_for_training`]); call it yourself only for TRL's own trainer. TRL's `LLM(...)` call then goes
+    through [`build_cpu_llm`] with these settings; calling again replaces the settings.
 
     Args:
         dtype (`str` or `None`, *optional*, defaults to `"float32"`):
@@ -296,10 +296,10 @@ def prepare_for_training(args) -> bool:
     `trl-credit train`) calls it in its constructor, so the Python API gets the same engine as the CLI. Returns whether
     patches were applied.
     """
-    if not getattr(args, "use_vllm", False) or not is_vllm_cpu():
+    if not args.use_vllm or not is_vllm_cpu():
         return False
     if args.vllm_mode == "colocate":
-        apply_colocate(kv_cache_mib=getattr(args, "vllm_cpu_kv_cache_mib", None))
+        apply_colocate(kv_cache_mib=args.vllm_cpu_kv_cache_mib)
     else:
         apply_server_client()
     return True
